@@ -1,0 +1,268 @@
+// Per-sample math of the two DCNv2 operators, written once and shared by the CPU loops
+// (csrc/ops/cpu/) and the CUDA kernels (csrc/ops/cuda/).
+//
+// Two bilinear rules live here and must not be mixed:
+//  * dcn_sample:  deformable convolution (DCNv2 paper; MMCV/torchvision rule). A sample is zero unless
+//                 -1 < y < H and -1 < x < W; neighbours outside the map contribute zero, so the value
+//                 fades linearly to zero within one pixel of the border.
+//  * roi_sample:  RoIAlign rule (used by deformable RoI pooling). A sample is zero if y < -1, y > H,
+//                 x < -1 or x > W; otherwise the coordinate is clamped into the map (border replication).
+//
+// Both return the four neighbour indices (into one H*W plane) with weights for the value and for its
+// derivatives d/dy and d/dx. Invalid neighbours get index 0 and weight 0, so callers never branch.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define DCN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DCN_HOST_DEVICE inline
+#endif
+
+namespace dcnv2 {
+
+// Accumulation type: float for float/half/bfloat16, double for double.
+template <typename T>
+struct acc_type {
+  using type = float;
+};
+template <>
+struct acc_type<double> {
+  using type = double;
+};
+
+template <typename T>
+DCN_HOST_DEVICE int floor_to_int(T v) {
+  int i = static_cast<int>(v);
+  return (v < static_cast<T>(i)) ? i - 1 : i;
+}
+
+template <typename T>
+DCN_HOST_DEVICE int ceil_to_int(T v) {
+  int i = static_cast<int>(v);
+  return (v > static_cast<T>(i)) ? i + 1 : i;
+}
+
+// Four neighbours (y0,x0) (y0,x1) (y1,x0) (y1,x1) of a sample and the weights of its value (w),
+// of d value / d y (wy) and of d value / d x (wx).
+template <typename T>
+struct Corners {
+  int idx[4];
+  T w[4];
+  T wy[4];
+  T wx[4];
+
+  template <typename V>
+  DCN_HOST_DEVICE T value(const V* plane) const {
+    return w[0] * static_cast<T>(plane[idx[0]]) + w[1] * static_cast<T>(plane[idx[1]]) +
+        w[2] * static_cast<T>(plane[idx[2]]) + w[3] * static_cast<T>(plane[idx[3]]);
+  }
+};
+
+template <typename T>
+DCN_HOST_DEVICE void set_empty(Corners<T>& c) {
+  for (int n = 0; n < 4; ++n) {
+    c.idx[n] = 0;
+    c.w[n] = c.wy[n] = c.wx[n] = T(0);
+  }
+}
+
+// Fills the corner weights for fractional weights (ly, lx) inside the cell whose top-left is (y0, x0);
+// dy_scale / dx_scale are 0 where the coordinate does not influence the value (clamped borders).
+template <typename T>
+DCN_HOST_DEVICE void set_cell(Corners<T>& c, int y0, int x0, int y1, int x1, T ly, T lx, int H, int W,
+                              T dy_scale, T dx_scale) {
+  const T hy = T(1) - ly, hx = T(1) - lx;
+  const int ys[4] = {y0, y0, y1, y1};
+  const int xs[4] = {x0, x1, x0, x1};
+  const T w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+  const T wy[4] = {-hx, -lx, hx, lx};
+  const T wx[4] = {-hy, hy, -ly, ly};
+  for (int n = 0; n < 4; ++n) {
+    const bool valid = ys[n] >= 0 && ys[n] < H && xs[n] >= 0 && xs[n] < W;
+    c.idx[n] = valid ? ys[n] * W + xs[n] : 0;
+    c.w[n] = valid ? w[n] : T(0);
+    c.wy[n] = valid ? wy[n] * dy_scale : T(0);
+    c.wx[n] = valid ? wx[n] * dx_scale : T(0);
+  }
+}
+
+// Deformable-convolution rule (MMCV modulated_deform_conv / torchvision deform_conv2d forward).
+// Returns false when the sample is outside (-1, H) x (-1, W): value and gradients are zero there.
+template <typename T>
+DCN_HOST_DEVICE bool dcn_sample(T y, T x, int H, int W, Corners<T>& c) {
+  // written so that NaN coordinates also take this branch
+  if (!(y > T(-1) && y < static_cast<T>(H) && x > T(-1) && x < static_cast<T>(W))) {
+    set_empty(c);
+    return false;
+  }
+  const int y0 = floor_to_int(y), x0 = floor_to_int(x);
+  set_cell(c, y0, x0, y0 + 1, x0 + 1, y - static_cast<T>(y0), x - static_cast<T>(x0), H, W, T(1), T(1));
+  return true;
+}
+
+// RoIAlign rule (torchvision roi_align / MMCV deform_roi_pool). The derivatives are those of this
+// clamped function: zero along an axis where the coordinate was clamped. (MMCV's deform_roi_pool
+// backward instead uses the unclamped coordinate there; the two differ only within one pixel of the
+// border.)
+template <typename T>
+DCN_HOST_DEVICE bool roi_sample(T y, T x, int H, int W, Corners<T>& c) {
+  // written so that NaN coordinates also take this branch
+  if (!(y >= T(-1) && y <= static_cast<T>(H) && x >= T(-1) && x <= static_cast<T>(W))) {
+    set_empty(c);
+    return false;
+  }
+  T dy_scale = T(1), dx_scale = T(1);
+  if (y <= T(0)) {
+    y = T(0);
+    dy_scale = T(0);
+  }
+  if (x <= T(0)) {
+    x = T(0);
+    dx_scale = T(0);
+  }
+  int y0 = floor_to_int(y), x0 = floor_to_int(x), y1, x1;
+  if (y0 >= H - 1) {
+    y0 = y1 = H - 1;
+    y = static_cast<T>(y0);
+    dy_scale = T(0);
+  } else {
+    y1 = y0 + 1;
+  }
+  if (x0 >= W - 1) {
+    x0 = x1 = W - 1;
+    x = static_cast<T>(x0);
+    dx_scale = T(0);
+  } else {
+    x1 = x0 + 1;
+  }
+  set_cell(c, y0, x0, y1, x1, y - static_cast<T>(y0), x - static_cast<T>(x0), H, W, dy_scale, dx_scale);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Modulated deformable convolution: where kernel tap (i, j) of output (ho, wo) samples the input
+// (DCNv2 paper eq. 3): y = ho*stride - pad + i*dilation + dy.
+struct ConvGeometry {
+  int64_t batch, channels, height, width;  // input
+  int64_t out_h, out_w;                    // output spatial size
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t groups, deformable_groups;
+  int64_t out_channels;
+};
+
+template <typename T>
+DCN_HOST_DEVICE T conv_tap_y(const ConvGeometry& g, int64_t ho, int64_t i, T dy) {
+  return static_cast<T>(ho * g.stride_h - g.pad_h + i * g.dil_h) + dy;
+}
+
+template <typename T>
+DCN_HOST_DEVICE T conv_tap_x(const ConvGeometry& g, int64_t wo, int64_t j, T dx) {
+  return static_cast<T>(wo * g.stride_w - g.pad_w + j * g.dil_w) + dx;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Modulated deformable RoI pooling (MMCV RoIAlign-style deform_roi_pool semantics): the sampling grid
+// of one output bin (ph, pw). The whole bin is translated by gamma * offset * RoI size
+// (offset channel 0 = dx, channel 1 = dy).
+template <typename T>
+struct RoiBin {
+  T y_start, x_start;  // top-left of the bin, offset applied
+  T bin_h, bin_w;
+  T roi_h, roi_w;  // size of the unshifted RoI (scales the offset gradient)
+  int grid_h, grid_w;
+  T inv_count;  // 1 / max(grid_h * grid_w, 1)
+};
+
+// roi: [batch_index, x1, y1, x2, y2] in image pixels; offset_dx/dy already read for this bin (0 if none).
+template <typename T, typename V>
+DCN_HOST_DEVICE RoiBin<T> roi_bin(const V* roi, T spatial_scale, int pooled_h, int pooled_w, int ph, int pw,
+                                  int sampling_ratio, T gamma, T offset_dx, T offset_dy) {
+  RoiBin<T> b;
+  // aligned=True: pixel centres at integer + 0.5 (Detectron2's ROIAlignV2, MMCV aligned RoIAlign)
+  const T x1 = static_cast<T>(roi[1]) * spatial_scale - T(0.5);
+  const T y1 = static_cast<T>(roi[2]) * spatial_scale - T(0.5);
+  const T x2 = static_cast<T>(roi[3]) * spatial_scale - T(0.5);
+  const T y2 = static_cast<T>(roi[4]) * spatial_scale - T(0.5);
+  b.roi_w = x2 - x1;
+  b.roi_h = y2 - y1;
+  b.bin_w = b.roi_w / static_cast<T>(pooled_w);
+  b.bin_h = b.roi_h / static_cast<T>(pooled_h);
+  // adaptive grid: ceil(roi size / output size) samples per bin side when sampling_ratio <= 0
+  b.grid_h = sampling_ratio > 0 ? sampling_ratio : ceil_to_int(b.bin_h);
+  b.grid_w = sampling_ratio > 0 ? sampling_ratio : ceil_to_int(b.bin_w);
+  const int count = b.grid_h * b.grid_w;
+  b.inv_count = T(1) / static_cast<T>(count > 1 ? count : 1);
+  b.x_start = x1 + static_cast<T>(pw) * b.bin_w + gamma * b.roi_w * offset_dx;
+  b.y_start = y1 + static_cast<T>(ph) * b.bin_h + gamma * b.roi_h * offset_dy;
+  return b;
+}
+
+template <typename T>
+DCN_HOST_DEVICE T roi_bin_sample_y(const RoiBin<T>& b, int iy) {
+  return b.y_start + (static_cast<T>(iy) + T(0.5)) * b.bin_h / static_cast<T>(b.grid_h);
+}
+
+template <typename T>
+DCN_HOST_DEVICE T roi_bin_sample_x(const RoiBin<T>& b, int ix) {
+  return b.x_start + (static_cast<T>(ix) + T(0.5)) * b.bin_w / static_cast<T>(b.grid_w);
+}
+
+// Average of the bin's samples in one channel plane.
+template <typename T, typename V>
+DCN_HOST_DEVICE T roi_bin_average(const RoiBin<T>& b, const V* plane, int H, int W) {
+  T sum = T(0);
+  Corners<T> c;
+  for (int iy = 0; iy < b.grid_h; ++iy) {
+    const T y = roi_bin_sample_y(b, iy);
+    for (int ix = 0; ix < b.grid_w; ++ix) {
+      if (roi_sample(y, roi_bin_sample_x(b, ix), H, W, c)) {
+        sum += c.value(plane);
+      }
+    }
+  }
+  return sum * b.inv_count;
+}
+
+// d(bin average) / d(bin translation) in one channel plane, scaled by grad: returns (d/dy, d/dx) of
+// grad * average with respect to the bin's start coordinates.
+template <typename T, typename V>
+DCN_HOST_DEVICE void roi_bin_coord_grad(const RoiBin<T>& b, const V* plane, int H, int W, T grad, T& gy,
+                                        T& gx) {
+  Corners<T> c;
+  T sy = T(0), sx = T(0);
+  for (int iy = 0; iy < b.grid_h; ++iy) {
+    const T y = roi_bin_sample_y(b, iy);
+    for (int ix = 0; ix < b.grid_w; ++ix) {
+      if (roi_sample(y, roi_bin_sample_x(b, ix), H, W, c)) {
+        for (int n = 0; n < 4; ++n) {
+          const T v = static_cast<T>(plane[c.idx[n]]);
+          sy += c.wy[n] * v;
+          sx += c.wx[n] * v;
+        }
+      }
+    }
+  }
+  gy += grad * sy * b.inv_count;
+  gx += grad * sx * b.inv_count;
+}
+
+// Scatters grad * d(bin average)/d(input) into a gradient plane through add(index, value).
+template <typename T, typename Add>
+DCN_HOST_DEVICE void roi_bin_input_grad(const RoiBin<T>& b, int H, int W, T grad, Add add) {
+  Corners<T> c;
+  const T g = grad * b.inv_count;
+  for (int iy = 0; iy < b.grid_h; ++iy) {
+    const T y = roi_bin_sample_y(b, iy);
+    for (int ix = 0; ix < b.grid_w; ++ix) {
+      if (roi_sample(y, roi_bin_sample_x(b, ix), H, W, c)) {
+        for (int n = 0; n < 4; ++n) {
+          add(c.idx[n], g * c.w[n]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace dcnv2

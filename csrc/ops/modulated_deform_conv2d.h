@@ -1,0 +1,44 @@
+// Modulated deformable convolution (DCNv2): the device-agnostic driver and the per-device primitives.
+//
+// Shapes: input (N, C, H, W); offset (N, 2*dg*kh*kw, Ho, Wo) laid out [group][tap i*kw+j][dy, dx];
+// mask (N, dg*kh*kw, Ho, Wo) laid out [group][tap]; weight (Cout, C/groups, kh, kw); bias (Cout) or none.
+//
+// The driver (modulated_deform_conv2d.cpp) checks arguments, walks the batch in blocks of images whose
+// column buffer stays under a fixed budget, and hands every GEMM to ATen (MKL / cuBLAS). Only the three
+// column primitives below differ per device (cpu/ and cuda/ kernels).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+#include "deform_math.h"
+
+namespace dcnv2 {
+
+struct MDConvPrimitives {
+  // columns (C*kh*kw, nb*Ho*Wo) <- mask * bilinear(input) for images [b0, b0 + nb)
+  void (*im2col)(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
+                 const ConvGeometry& g, int64_t b0, int64_t nb, at::Tensor& columns);
+  // grad_input (N, C, H, W; float32 or float64) += d columns / d input applied to grad_columns
+  void (*col2im)(const at::Tensor& grad_columns, const at::Tensor& offset, const at::Tensor& mask,
+                 const ConvGeometry& g, int64_t b0, int64_t nb, at::Tensor& grad_input);
+  // grad_offset, grad_mask (N, ...; same dtype as offset) for images [b0, b0 + nb)
+  void (*col2im_coord)(const at::Tensor& grad_columns, const at::Tensor& input, const at::Tensor& offset,
+                       const at::Tensor& mask, const ConvGeometry& g, int64_t b0, int64_t nb,
+                       at::Tensor& grad_offset, at::Tensor& grad_mask);
+};
+
+at::Tensor mdconv_forward(const MDConvPrimitives& prim, const at::Tensor& input, const at::Tensor& offset,
+                          const at::Tensor& mask, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                          int64_t dil_w, int64_t groups, int64_t deformable_groups);
+
+// Returns grad_input, grad_offset, grad_mask, grad_weight, grad_bias (empty when bias is none).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdconv_backward(
+    const MDConvPrimitives& prim, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+    const at::Tensor& mask, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h,
+    int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups,
+    int64_t deformable_groups);
+
+}  // namespace dcnv2

@@ -1,0 +1,203 @@
+"""Modulated deformable convolution (DCNv2, Zhu et al. 2018): functional op and modules.
+
+Shape shorthand: N batch, C input channels, H x W input size, Ho x Wo output size, kh x kw kernel,
+dg deformable groups, K = kh * kw kernel taps.
+
+Offset layout (the same as ``torchvision.ops.deform_conv2d`` and MMCV): ``offset`` has 2 * dg * K
+channels, ordered per deformable group, then per kernel tap (row-major, tap = i * kw + j), then
+(dy, dx): channel ``g * 2K + 2 * tap + 0`` is the vertical shift and ``+ 1`` the horizontal shift.
+``mask`` has dg * K channels, ordered per group then per tap. Tap (i, j) of output (ho, wo) samples
+the input at ``(ho * stride - pad + i * dilation + dy, wo * stride - pad + j * dilation + dx)``
+bilinearly; samples outside (-1, H) x (-1, W) are zero and pixels outside the map count as zero.
+"""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .. import _ops
+
+__all__ = [
+    "modulated_deform_conv2d",
+    "ModulatedDeformConv2d",
+    "ModulatedDeformConv2dPack",
+    "upgrade_legacy_offset_keys",
+]
+
+_IntPair = Union[int, Tuple[int, int]]
+
+
+def _check_device(input: torch.Tensor, op: str) -> None:
+    if input.is_cuda and not _ops.WITH_CUDA:
+        raise RuntimeError(
+            f"{op}: input is on {input.device} but projects_dcnv2 was built without CUDA kernels; "
+            "reinstall with nvcc available (DCNV2_WITH_CUDA=1)"
+        )
+
+
+def modulated_deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: _IntPair = 1,
+    padding: _IntPair = 0,
+    dilation: _IntPair = 1,
+    groups: int = 1,
+    deformable_groups: int = 1,
+) -> torch.Tensor:
+    """Modulated deformable 2-D convolution.
+
+    Args:
+        input: (N, C, H, W).
+        offset: (N, 2 * dg * kh * kw, Ho, Wo), layout in the module docstring.
+        mask: (N, dg * kh * kw, Ho, Wo) modulation scalars (DCNv2 uses sigmoid outputs), or None
+            for all ones (DCNv1).
+        weight: (C_out, C / groups, kh, kw).
+        bias: (C_out,) or None.
+        stride, padding, dilation: int or (h, w) pair.
+        groups: convolution groups.
+        deformable_groups: dg, groups of input channels that share one offset and mask field.
+
+    Returns:
+        (N, C_out, Ho, Wo).
+    """
+    _check_device(input, "modulated_deform_conv2d")
+    stride_h, stride_w = _pair(stride)
+    pad_h, pad_w = _pair(padding)
+    dil_h, dil_w = _pair(dilation)
+    if mask is None:
+        if offset.dim() != 4:
+            raise ValueError(f"offset: expected a 4-D tensor, got shape {tuple(offset.shape)}")
+        n, c, h, w = offset.shape
+        mask = offset.new_ones((n, c // 2, h, w))
+    return torch.ops.dcnv2.modulated_deform_conv2d(
+        input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, deformable_groups
+    )
+
+
+class ModulatedDeformConv2d(nn.Module):
+    """Modulated deformable convolution whose offsets and masks are given to ``forward``.
+
+    Parameters: ``weight`` (C_out, C_in / groups, kh, kw) and optional ``bias`` (C_out,), initialised
+    as MMCV does: uniform in +-1/sqrt(C_in * kh * kw), bias zero.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntPair,
+        stride: _IntPair = 1,
+        padding: _IntPair = 0,
+        dilation: _IntPair = 1,
+        groups: int = 1,
+        deformable_groups: int = 1,
+        bias: bool = True,
+    ):
+        super().__init__()
+        for name, value, divisor in (
+            ("in_channels", in_channels, groups),
+            ("out_channels", out_channels, groups),
+            ("in_channels", in_channels, deformable_groups),
+        ):
+            if value % divisor != 0:
+                what = "groups" if divisor is groups else "deformable_groups"
+                raise ValueError(f"{name}: expected a multiple of {what}={divisor}, got {value}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.deformable_groups = deformable_groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        n = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        nn.init.uniform_(self.weight, -1.0 / math.sqrt(n), 1.0 / math.sqrt(n))  # MMCV's init
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    @property
+    def num_taps(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return modulated_deform_conv2d(
+            x, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            self.deformable_groups,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"deformable_groups={self.deformable_groups}, bias={self.bias is not None}"
+        )
+
+
+class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
+    """DCNv2 layer that predicts its own offsets and masks (MMCV's ``DCNv2`` / ModulatedDeformConv2dPack).
+
+    ``conv_offset`` is a plain convolution with the main conv's kernel, stride, padding and dilation
+    and 3 * dg * kh * kw output channels, zero-initialised (so a fresh layer samples the regular grid
+    with mask 0.5). Its first 2 * dg * K channels are the offsets, the last dg * K go through a sigmoid
+    as the mask.
+    """
+
+    _version = 2  # version 1 stored conv_offset as a sibling "<name>_offset" module (MMCV)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conv_offset = nn.Conv2d(
+            self.in_channels,
+            3 * self.deformable_groups * self.num_taps,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = self.conv_offset(x)
+        split = 2 * self.deformable_groups * self.num_taps
+        return super().forward(x, out[:, :split], out[:, split:].sigmoid())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        version = local_metadata.get("version", None)
+        if version is None or version < 2:
+            _rename_legacy_keys(state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _rename_legacy_keys(state_dict, prefix: str) -> None:
+    for suffix in ("weight", "bias"):
+        legacy, current = f"{prefix[:-1]}_offset.{suffix}", f"{prefix}conv_offset.{suffix}"
+        if legacy in state_dict and current not in state_dict:
+            state_dict[current] = state_dict.pop(legacy)
+
+
+def upgrade_legacy_offset_keys(module: nn.Module, state_dict: dict) -> dict:
+    """Renames legacy ``<name>_offset.*`` keys of every ModulatedDeformConv2dPack in ``module`` to
+    ``<name>.conv_offset.*``, in place, and returns ``state_dict``.
+
+    ``torch.nn.Module.load_state_dict`` hands each child only the keys under its own prefix, so a
+    Pack cannot see its legacy sibling keys itself; call this on the root module's state dict first.
+    """
+    for name, child in module.named_modules():
+        if isinstance(child, ModulatedDeformConv2dPack) and name:
+            _rename_legacy_keys(state_dict, name + ".")
+    return state_dict

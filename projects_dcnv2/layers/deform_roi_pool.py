@@ -1,0 +1,149 @@
+"""Deformable RoI pooling as used by DCNv2's mdpool in MMDetection (MMCV ``DeformRoIPool`` semantics).
+
+Shape shorthand: N images, C channels, H x W feature map, K RoIs, P_h x P_w output bins.
+
+Each bin is sampled like aligned RoIAlign (Detectron2's ROIAlignV2): RoI corners are scaled by
+``spatial_scale`` and shifted by -0.5, each bin averages a grid of bilinear samples (``sampling_ratio``
+per side, or ceil(bin size) when it is 0), with RoIAlign's border rule. With an offset, the whole bin
+is translated by ``gamma * offset * RoI size``. Offset layout: (K, 2, P_h, P_w) with channel 0 the
+horizontal shift (dx, in units of the RoI width) and channel 1 the vertical shift (dy, RoI height):
+note this is (x, y), the opposite of the convolution's (dy, dx).
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .deform_conv import _check_device
+
+__all__ = ["deform_roi_pool", "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"]
+
+_IntPair = Union[int, Tuple[int, int]]
+
+
+def deform_roi_pool(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    offset: Optional[torch.Tensor],
+    output_size: _IntPair,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+) -> torch.Tensor:
+    """Deformable RoI pooling.
+
+    Args:
+        input: (N, C, H, W) feature map.
+        rois: (K, 5) rows of [batch_index, x1, y1, x2, y2] in input-image pixels.
+        offset: (K, 2, P_h, P_w) normalised bin shifts (dx, dy), or None for plain aligned RoIAlign.
+        output_size: P or (P_h, P_w).
+        spatial_scale: feature-map size / image size (1 / stride).
+        sampling_ratio: samples per bin side; 0 chooses ceil(bin size) adaptively.
+        gamma: offset scale (MMCV's default 0.1).
+
+    Returns:
+        (K, C, P_h, P_w).
+    """
+    _check_device(input, "deform_roi_pool")
+    pooled_h, pooled_w = _pair(output_size)
+    return torch.ops.dcnv2.deform_roi_pool(
+        input, rois, offset, pooled_h, pooled_w, float(spatial_scale), int(sampling_ratio), float(gamma)
+    )
+
+
+class DeformRoIPool(nn.Module):
+    """Deformable RoI pooling with externally given offsets (no parameters)."""
+
+    def __init__(self, output_size: _IntPair, spatial_scale: float = 1.0, sampling_ratio: int = 0,
+                 gamma: float = 0.1):
+        super().__init__()
+        self.output_size = _pair(output_size)
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.gamma = float(gamma)
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return deform_roi_pool(
+            input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}"
+        )
+
+
+def _mlp(sizes, final=None) -> nn.Sequential:
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU(inplace=True))
+    if final is not None:
+        layers.append(final)
+    last = layers[-2] if final is not None else layers[-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers)
+
+
+class DeformRoIPoolPack(DeformRoIPool):
+    """Deformable RoI pooling that predicts its bin offsets from a first, plain pooling pass.
+
+    ``offset_fc``: Linear(P_h*P_w*C -> fc), ReLU, Linear(fc -> fc), ReLU, Linear(fc -> 2*P_h*P_w), the
+    last layer zero-initialised (MMCV's layer indices 0, 2, 4, so checkpoints map one to one).
+    """
+
+    def __init__(
+        self,
+        output_size: _IntPair = 7,
+        output_channels: int = 256,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ):
+        super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
+        self.output_channels = output_channels
+        self.deform_fc_channels = deform_fc_channels
+        bins = self.output_size[0] * self.output_size[1]
+        self.offset_fc = _mlp([bins * output_channels, deform_fc_channels, deform_fc_channels, 2 * bins])
+
+    def _check_channels(self, input: torch.Tensor) -> None:
+        if input.dim() != 4 or input.shape[1] != self.output_channels:
+            raise ValueError(
+                f"input: expected (N, {self.output_channels}, H, W) to match output_channels, "
+                f"got shape {tuple(input.shape)}"
+            )
+
+    def _predict_offset(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.offset_fc(pooled.flatten(1)).view(-1, 2, *self.output_size)
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        self._check_channels(input)
+        pooled = super().forward(input, rois)
+        return super().forward(input, rois, self._predict_offset(pooled))
+
+
+class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
+    """DCNv2's mdpool: offsets and a per-bin modulation mask predicted from a plain pooling pass.
+
+    Adds ``mask_fc``: Linear(P_h*P_w*C -> fc), ReLU, Linear(fc -> P_h*P_w), Sigmoid, index 2
+    zero-initialised (mask 0.5 at init). Forward: pool without offset, predict offset and mask,
+    pool again with the offset, multiply by the mask (broadcast over channels).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        bins = self.output_size[0] * self.output_size[1]
+        self.mask_fc = _mlp([bins * self.output_channels, self.deform_fc_channels, bins], final=nn.Sigmoid())
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        self._check_channels(input)
+        pooled = DeformRoIPool.forward(self, input, rois)
+        features = pooled.flatten(1)
+        offset = self.offset_fc(features).view(-1, 2, *self.output_size)
+        mask = self.mask_fc(features).view(-1, 1, *self.output_size)
+        return DeformRoIPool.forward(self, input, rois, offset) * mask

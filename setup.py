@@ -1,0 +1,84 @@
+"""Builds projects_dcnv2 and its extension projects_dcnv2._C from csrc/.
+
+The CPU kernels are always built. The CUDA kernels are built whenever nvcc is found, GPU or not
+(DCNV2_WITH_CUDA=auto, the default; 1 forces them, 0 disables them). Without a visible GPU,
+TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100 and H100 class; sm_80 code also runs on sm_86/89).
+"""
+import glob
+import os
+import sys
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported. The `nvcc` on PATH may be a wrapper
+# script (e.g. /usr/local/bin/nvcc) from which torch would guess a CUDA home without libcudart.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+
+def _want_cuda():
+    mode = os.environ.get("DCNV2_WITH_CUDA", os.environ.get("FORCE_CUDA", "auto")).lower()
+    if mode in ("0", "false", "no", "off"):
+        return False
+    found = cpp_extension.CUDA_HOME is not None and os.path.exists(
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    )
+    if mode in ("1", "true", "yes", "on"):
+        if not found:
+            sys.exit("DCNV2_WITH_CUDA=1 but no nvcc was found: set CUDA_HOME to your CUDA toolkit")
+        return True
+    if mode != "auto":
+        sys.exit(f"DCNV2_WITH_CUDA: expected auto, 0 or 1, got {mode!r}")
+    return found and torch.version.cuda is not None
+
+
+def _extension():
+    sources = [os.path.join(CSRC, "extension.cpp")]
+    sources += sorted(glob.glob(os.path.join(CSRC, "ops", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cpu", "*.cpp")))
+    include_dirs = [os.path.join(ROOT, CSRC)]
+    cxx_flags = ["-O3"]
+    define_macros = []
+    if not _want_cuda():
+        print("projects_dcnv2: building the CPU kernels only")
+        return cpp_extension.CppExtension(
+            "projects_dcnv2._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+        )
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    print(
+        "projects_dcnv2: building the CPU and CUDA kernels "
+        f"(CUDA_HOME={cpp_extension.CUDA_HOME}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})"
+    )
+    sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cuda", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cuda", "*.cu")))
+    # ATen/cuda headers include cusparse.h etc., shipped in NVIDIA's pip packages next to torch.
+    for site in {os.path.dirname(os.path.dirname(torch.__file__))}:
+        for extra in glob.glob(os.path.join(site, "nvidia", "cu*", "include")):
+            include_dirs.append(extra)
+    define_macros.append(("WITH_CUDA", None))
+    nvcc_flags = ["-O3", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "projects_dcnv2._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    name="projects_dcnv2",
+    version="0.1.0",
+    description="DCNv2 (modulated deformable convolution and RoI pooling) for Detectron2",
+    packages=find_packages(include=["projects_dcnv2", "projects_dcnv2.*"]),
+    python_requires=">=3.9",
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
