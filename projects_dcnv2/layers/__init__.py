@@ -1,4 +1,5 @@
 """Functional DCNv2 operators and their modules (no config code here)."""
+from .._ops import CUDA_VERSION, WITH_CUDA
 from .deform_conv import (
     ModulatedDeformConv2d,
     ModulatedDeformConv2dPack,
@@ -7,4 +8,15 @@ from .deform_conv import (
 )
 from .deform_roi_pool import DeformRoIPool, DeformRoIPoolPack, ModulatedDeformRoIPoolPack, deform_roi_pool
 
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "CUDA_VERSION",
+    "WITH_CUDA",
+    "modulated_deform_conv2d",
+    "ModulatedDeformConv2d",
+    "ModulatedDeformConv2dPack",
+    "upgrade_legacy_offset_keys",
+    "deform_roi_pool",
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
+    "ModulatedDeformRoIPoolPack",
+]

@@ -1,0 +1,25 @@
+# make setup: create .venv/ and install everything (torch, detectron2, this project with its extension).
+# make test:  run the whole test suite from .venv/.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# auto: detectron2 from its git repository, falling back to the offline PyPI build; git; pypi (see README)
+DETECTRON2_SOURCE ?= auto
+PYTEST_ARGS ?=
+
+.PHONY: setup test clean
+
+setup:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	DETECTRON2_SOURCE=$(DETECTRON2_SOURCE) $(PY) tools/install_detectron2.py
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -v -e . --no-build-isolation --no-deps
+	$(PY) -c "import projects_dcnv2, torch; print('projects_dcnv2 ready: CUDA kernels', 'built' if projects_dcnv2.layers.WITH_CUDA else 'not built')"
+
+# pytest exits with 5 when it collected no test: that is a failure here.
+test:
+	@$(PY) -m pytest tests -ra --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf build projects_dcnv2/_C*.so *.egg-info
