@@ -224,6 +224,18 @@ def test_autocast_cpu_computes_in_float32():
     assert_same(g16.float(), g32.bfloat16().float(), 0, 0, "grad input")
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), 1e30, -1e30])
+def test_extreme_offsets_sample_zero(value):
+    """Offsets far beyond any int range must not overflow a floor-to-int index (no crash, no garbage)."""
+    x = torch.randn(2, 3, 8, 9, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 2.0, 10.0, 12.0], [1, 3.0, 1.0, 7.0, 9.5]])
+    off = torch.full((2, 2, 2, 3), value, requires_grad=True)
+    out = deform_roi_pool(x, rois, off, (2, 3), 0.5)
+    assert torch.count_nonzero(out) == 0
+    for name, g in zip(["input", "offset"], torch.autograd.grad(out.sum(), (x, off))):
+        assert torch.count_nonzero(g) == 0, f"grad {name} should be zero"
+
+
 def test_int_and_pair_output_size_agree():
     case = CASES[0]
     x, rois, off = make_inputs(case, requires_grad=False)

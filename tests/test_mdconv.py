@@ -153,6 +153,20 @@ def test_far_outside_offsets_give_bias_only():
         assert torch.count_nonzero(g[k]) == 0, f"grad {k} should be zero"
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), 1e30, -1e30])
+def test_extreme_offsets_sample_zero(value):
+    """Offsets far beyond any int range must not overflow a floor-to-int index (no crash, no garbage)."""
+    case = Case(2, 4, 3, (5, 6), (3, 3), 1, 1, 1, 1, 2, 1.0, True)
+    t = make_inputs(case, dtype=torch.float32)
+    with torch.no_grad():
+        t["offset"].fill_(value)
+    out = run_op(t, case)
+    assert_same(out, t["bias"].detach().view(1, -1, 1, 1).expand_as(out), 0, 0, "output")
+    for k, g in grads(out, t, torch.ones_like(out)).items():
+        if k != "bias":
+            assert torch.count_nonzero(g) == 0, f"grad {k} should be zero"
+
+
 def test_mask_none_means_ones():
     case = CASES[1]
     t = make_inputs(case, requires_grad=False)

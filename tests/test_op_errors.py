@@ -148,6 +148,9 @@ POOL_CASES = {
                            rois=torch.tensor([[0, 1, 2, 10, 12]]), offset=None), "input|rois"),
     "offset_dtype": (dict(offset=torch.zeros(3, 2, 3, 4, dtype=torch.float64)), "offset"),
     "integer_rois": (dict(rois=torch.tensor([[0, 1, 2, 10, 12]]), offset=None), "rois"),
+    "rois_batch_index_too_large": (dict(rois=torch.tensor([[2, 1.0, 2.0, 10.0, 12.0]]), offset=None), "rois"),
+    "rois_negative_batch_index": (dict(rois=torch.tensor([[-1, 1.0, 2.0, 10.0, 12.0]]), offset=None), "rois"),
+    "rois_not_finite": (dict(rois=torch.tensor([[0, 1.0, float("nan"), 10.0, 12.0]]), offset=None), "rois"),
 }
 
 
