@@ -68,6 +68,21 @@ DCN_HOST_DEVICE void set_empty(Corners<T>& c) {
   }
 }
 
+// A sample that reads nothing: zero, or NaN when a coordinate is NaN (so that a NaN offset gives a
+// NaN result and NaN gradients instead of a silent zero). Returns whether the sample must be used.
+template <typename T>
+DCN_HOST_DEVICE bool set_outside(T y, T x, Corners<T>& c) {
+  set_empty(c);
+  if (y != y || x != x) {
+    const T nan = y + x;
+    for (int n = 0; n < 4; ++n) {
+      c.w[n] = c.wy[n] = c.wx[n] = nan;
+    }
+    return true;
+  }
+  return false;
+}
+
 // Fills the corner weights for fractional weights (ly, lx) inside the cell whose top-left is (y0, x0);
 // dy_scale / dx_scale are 0 where the coordinate does not influence the value (clamped borders).
 template <typename T>
@@ -90,12 +105,12 @@ DCN_HOST_DEVICE void set_cell(Corners<T>& c, int y0, int x0, int y1, int x1, T l
 
 // Deformable-convolution rule (MMCV modulated_deform_conv / torchvision deform_conv2d forward).
 // Returns false when the sample is outside (-1, H) x (-1, W): value and gradients are zero there.
+// (A NaN coordinate returns true with NaN weights.)
 template <typename T>
 DCN_HOST_DEVICE bool dcn_sample(T y, T x, int H, int W, Corners<T>& c) {
   // written so that NaN coordinates also take this branch
   if (!(y > T(-1) && y < static_cast<T>(H) && x > T(-1) && x < static_cast<T>(W))) {
-    set_empty(c);
-    return false;
+    return set_outside(y, x, c);
   }
   const int y0 = floor_to_int(y), x0 = floor_to_int(x);
   set_cell(c, y0, x0, y0 + 1, x0 + 1, y - static_cast<T>(y0), x - static_cast<T>(x0), H, W, T(1), T(1));
@@ -110,8 +125,7 @@ template <typename T>
 DCN_HOST_DEVICE bool roi_sample(T y, T x, int H, int W, Corners<T>& c) {
   // written so that NaN coordinates also take this branch
   if (!(y >= T(-1) && y <= static_cast<T>(H) && x >= T(-1) && x <= static_cast<T>(W))) {
-    set_empty(c);
-    return false;
+    return set_outside(y, x, c);
   }
   T dy_scale = T(1), dx_scale = T(1);
   if (y <= T(0)) {

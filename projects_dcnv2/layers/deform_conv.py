@@ -175,6 +175,9 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # Effective with loaders that hand every module the whole state dict (MMCV / mmengine's
+        # load_state_dict). torch.nn.Module.load_state_dict hands a child only its own keys, so for
+        # it call upgrade_legacy_offset_keys(root, state_dict) first.
         version = local_metadata.get("version", None)
         if version is None or version < 2:
             _rename_legacy_keys(state_dict, prefix)
