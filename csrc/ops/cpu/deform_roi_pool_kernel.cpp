@@ -1,10 +1,13 @@
 // CPU loops of the deformable RoI pooling, and the CPU registration.
-// Forward: one task per output element. Backward: the input gradient is split by channel (each
-// channel owns its gradient planes: no atomics, deterministic), the offset gradient by output bin
-// (a sum over channels).
+// The sample corners of a bin are computed once and reused for every channel. Forward and the offset
+// gradient: one task per (roi, bin). Input gradient: tasks own channel ranges (no atomics,
+// deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "../deform_math.h"
 #include "../deform_roi_pool.h"
@@ -21,6 +24,22 @@ RoiBin<T> bin_of(const T* rois, const T* offset, const RoiPoolGeometry& g, int64
                     int(pw), int(g.sampling_ratio), static_cast<T>(g.gamma), dx, dy);
 }
 
+// The bilinear corners of every sample of one bin (valid ones only): computed once, shared by all
+// channels.
+template <typename T>
+void bin_samples(const RoiBin<T>& bin, int H, int W, std::vector<Corners<T>>& out) {
+  out.clear();
+  Corners<T> c;
+  for (int iy = 0; iy < bin.grid_h; ++iy) {
+    const T y = roi_bin_sample_y(bin, iy);
+    for (int ix = 0; ix < bin.grid_w; ++ix) {
+      if (roi_sample(y, roi_bin_sample_x(bin, ix), H, W, c)) {
+        out.push_back(c);
+      }
+    }
+  }
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& input, const at::Tensor& rois, const at::Tensor& offset, const RoiPoolGeometry& g,
                   at::Tensor& output) {
@@ -28,14 +47,21 @@ void forward_impl(const at::Tensor& input, const at::Tensor& rois, const at::Ten
   const T* roi = rois.data_ptr<T>();
   const T* off = offset.defined() ? offset.data_ptr<T>() : nullptr;
   T* out = output.data_ptr<T>();
-  const int64_t plane = g.height * g.width;
-  at::parallel_for(0, output.numel(), 16, [&](int64_t begin, int64_t end) {
+  const int64_t plane = g.height * g.width, bins = g.pooled_h * g.pooled_w;
+  at::parallel_for(0, g.num_rois * bins, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Corners<T>> samples;
     for (int64_t n = begin; n < end; ++n) {
-      const int64_t pw = n % g.pooled_w, ph = (n / g.pooled_w) % g.pooled_h;
-      const int64_t c = (n / (g.pooled_w * g.pooled_h)) % g.channels, k = n / (g.pooled_w * g.pooled_h * g.channels);
-      const int64_t b = static_cast<int64_t>(roi[k * 5]);
-      const RoiBin<T> bin = bin_of(roi, off, g, k, ph, pw);
-      out[n] = roi_bin_average(bin, in + (b * g.channels + c) * plane, int(g.height), int(g.width));
+      const int64_t k = n / bins, bin_index = n % bins;
+      const RoiBin<T> bin = bin_of(roi, off, g, k, bin_index / g.pooled_w, bin_index % g.pooled_w);
+      bin_samples(bin, int(g.height), int(g.width), samples);
+      const T* src = in + static_cast<int64_t>(roi[k * 5]) * g.channels * plane;
+      for (int64_t c = 0; c < g.channels; ++c, src += plane) {
+        T sum = T(0);
+        for (const Corners<T>& s : samples) {
+          sum += s.value(src);
+        }
+        out[(k * g.channels + c) * bins + bin_index] = sum * bin.inv_count;
+      }
     }
   });
 }
@@ -50,16 +76,26 @@ void backward_impl(const at::Tensor& grad_output, const at::Tensor& input, const
   const T* off = offset.defined() ? offset.data_ptr<T>() : nullptr;
   T* gin = grad_input.data_ptr<T>();
   const int64_t plane = g.height * g.width, bins = g.pooled_h * g.pooled_w;
-  at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
+  // Input gradient: tasks own disjoint channel ranges (no two write one element); each task computes
+  // the corners of a bin once for all of its channels.
+  const int64_t tasks = std::min<int64_t>(g.channels, 2 * at::get_num_threads());
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Corners<T>> samples;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c0 = g.channels * task / tasks, c1 = g.channels * (task + 1) / tasks;
       for (int64_t k = 0; k < g.num_rois; ++k) {
-        T* dst = gin + (static_cast<int64_t>(roi[k * 5]) * g.channels + c) * plane;
-        const T* src = gout + (k * g.channels + c) * bins;
-        for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
-          for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
-            const RoiBin<T> bin = bin_of(roi, off, g, k, ph, pw);
-            roi_bin_input_grad(bin, int(g.height), int(g.width), src[ph * g.pooled_w + pw],
-                               [dst](int idx, T v) { dst[idx] += v; });
+        const int64_t b = static_cast<int64_t>(roi[k * 5]);
+        for (int64_t bin_index = 0; bin_index < bins; ++bin_index) {
+          const RoiBin<T> bin = bin_of(roi, off, g, k, bin_index / g.pooled_w, bin_index % g.pooled_w);
+          bin_samples(bin, int(g.height), int(g.width), samples);
+          for (int64_t c = c0; c < c1; ++c) {
+            T* dst = gin + (b * g.channels + c) * plane;
+            const T grad = gout[(k * g.channels + c) * bins + bin_index] * bin.inv_count;
+            for (const Corners<T>& s : samples) {
+              for (int t = 0; t < 4; ++t) {
+                dst[s.idx[t]] += s.w[t] * grad;
+              }
+            }
           }
         }
       }
@@ -68,21 +104,32 @@ void backward_impl(const at::Tensor& grad_output, const at::Tensor& input, const
   if (off == nullptr) {
     return;
   }
+  // Offset gradient: one task per (roi, bin), a sum over channels.
   T* goff = grad_offset.data_ptr<T>();
   const T gamma = static_cast<T>(g.gamma);
   at::parallel_for(0, g.num_rois * bins, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Corners<T>> samples;
     for (int64_t n = begin; n < end; ++n) {
-      const int64_t k = n / bins, bin_index = n % bins, ph = bin_index / g.pooled_w, pw = bin_index % g.pooled_w;
-      const int64_t b = static_cast<int64_t>(roi[k * 5]);
-      const RoiBin<T> bin = bin_of(roi, off, g, k, ph, pw);
+      const int64_t k = n / bins, bin_index = n % bins;
+      const RoiBin<T> bin = bin_of(roi, off, g, k, bin_index / g.pooled_w, bin_index % g.pooled_w);
+      bin_samples(bin, int(g.height), int(g.width), samples);
+      const T* src = in + static_cast<int64_t>(roi[k * 5]) * g.channels * plane;
       T gy = T(0), gx = T(0);
-      for (int64_t c = 0; c < g.channels; ++c) {
-        roi_bin_coord_grad(bin, in + (b * g.channels + c) * plane, int(g.height), int(g.width),
-                           gout[(k * g.channels + c) * bins + bin_index], gy, gx);
+      for (int64_t c = 0; c < g.channels; ++c, src += plane) {
+        const T grad = gout[(k * g.channels + c) * bins + bin_index];
+        T sy = T(0), sx = T(0);
+        for (const Corners<T>& s : samples) {
+          for (int t = 0; t < 4; ++t) {
+            sy += s.wy[t] * src[s.idx[t]];
+            sx += s.wx[t] * src[s.idx[t]];
+          }
+        }
+        gy += grad * sy;
+        gx += grad * sx;
       }
       // the bin start moves by gamma * roi size * offset
-      goff[(k * 2) * bins + bin_index] = gamma * bin.roi_w * gx;
-      goff[(k * 2 + 1) * bins + bin_index] = gamma * bin.roi_h * gy;
+      goff[(k * 2) * bins + bin_index] = gamma * bin.roi_w * gx * bin.inv_count;
+      goff[(k * 2 + 1) * bins + bin_index] = gamma * bin.roi_h * gy * bin.inv_count;
     }
   });
 }
