@@ -1,0 +1,20 @@
+"""Config keys that Detectron2 does not already have.
+
+Modulated deformable convolution reuses Detectron2's own keys:
+``MODEL.RESNETS.DEFORM_ON_PER_STAGE``, ``MODEL.RESNETS.DEFORM_MODULATED`` (must be True: this
+project implements DCNv2 only) and ``MODEL.RESNETS.DEFORM_NUM_GROUPS``.
+
+The deformable RoI pooler (``MDPoolROIHeads``) reuses ``MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION``
+(7) and ``MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO`` (0 = adaptive, as MMCV); its own knobs are
+below.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_dcnv2_config(cfg):
+    """Add the DCNv2 keys to a Detectron2 config, in place. Existing keys are left untouched."""
+    cfg.MODEL.ROI_BOX_HEAD.MDPOOL = CN()
+    # Bin offsets are predicted in units of the RoI size and multiplied by GAMMA (MMCV's gamma).
+    cfg.MODEL.ROI_BOX_HEAD.MDPOOL.GAMMA = 0.1
+    # Hidden width of the offset_fc and mask_fc branches (MMCV's deform_fc_channels).
+    cfg.MODEL.ROI_BOX_HEAD.MDPOOL.DEFORM_FC_DIM = 1024

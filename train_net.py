@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Train and evaluate DCNv2 models with Detectron2.
+
+    python train_net.py --config-file configs/mask_rcnn_R50_FPN_mdconv.yaml --num-gpus 8
+    python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint.pth>
+    python train_net.py --config-file <cfg> --resume        # continue from OUTPUT_DIR
+
+Data sets are read from $DETECTRON2_DATASETS (default ./datasets), as in Detectron2.
+CPU-only machines: configs/quick_schedules/*_shapes.yaml train on an embedded synthetic set.
+"""
+import os
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, verify_results
+
+from projects_dcnv2 import add_dcnv2_config
+from projects_dcnv2.data import check_datasets_on_disk
+
+
+def _has_detectron2_extension():
+    try:
+        from detectron2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Trainer(DefaultTrainer):
+    """Detectron2's ``DefaultTrainer`` with a COCO evaluator."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        # The fast COCOeval needs detectron2._C; fall back to pycocotools without it.
+        return COCOEvaluator(
+            dataset_name, output_dir=output_folder, use_fast_impl=_has_detectron2_extension()
+        )
+
+
+def setup(args):
+    """Create the config (Detectron2 defaults + DCNv2 keys + file + command line)."""
+    cfg = get_cfg()
+    add_dcnv2_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    needed = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
+    check_datasets_on_disk(needed)  # a clear message naming $DETECTRON2_DATASETS
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
