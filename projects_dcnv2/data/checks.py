@@ -14,8 +14,8 @@ __all__ = ["check_datasets_on_disk"]
 
 def check_datasets_on_disk(dataset_names):
     """Raise ``FileNotFoundError`` if the annotation file or image folder of a data set is
-    missing. Data sets without local ``json_file`` / ``image_root`` metadata (URIs such as
-    ``dcnv2_shapes://``, or other formats) are not checked.
+    missing. Data sets whose ``json_file`` is a URI (such as ``dcnv2_shapes://``, generated on
+    first use) or that have no such metadata (other formats) are not checked.
 
     Args:
         dataset_names (iterable[str]): registered data set names.
@@ -23,7 +23,9 @@ def check_datasets_on_disk(dataset_names):
     for name in dataset_names:
         metadata = MetadataCatalog.get(name)
         paths = [getattr(metadata, key, None) for key in ("json_file", "image_root")]
-        missing = [p for p in paths if p and "://" not in p and not os.path.exists(p)]
+        if any(p and "://" in p for p in paths):
+            continue  # served by a PathManager handler (generated or downloaded on use)
+        missing = [p for p in paths if p and not os.path.exists(p)]
         if missing:
             raise FileNotFoundError(
                 f"Data set '{name}' not found: looked for {' and '.join(missing)}. "

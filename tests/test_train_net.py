@@ -1,0 +1,109 @@
+"""train_net.py end to end on the embedded shapes data set (tiny schedule, CPU), and the data
+set itself: valid COCO, deterministic, safe to generate from several processes at once."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from projects_dcnv2.data.shapes import CLASSES, IMAGE_SIZE, SPLIT_SIZES, generate_shapes_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "configs/quick_schedules/mask_rcnn_R50_FPN_mdconv_shapes.yaml"
+TINY = [
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_ITERS", "2",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "DATALOADER.NUM_WORKERS", "0",
+    # A 4-iteration model scores below the 0.05 default; keep its top boxes so COCOeval runs.
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20",
+]  # fmt: skip
+
+
+def run_train_net(datasets, *args):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets))
+    proc = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", CONFIG, *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run (4 iterations, checkpoint every 2), evaluated at the end."""
+    datasets = tmp_path_factory.mktemp("datasets")
+    out = tmp_path_factory.mktemp("output")
+    rc, log = run_train_net(datasets, *TINY, "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(out))
+    assert rc == 0, log[-5000:]
+    return datasets, out, log
+
+
+def test_train_writes_checkpoints_and_evaluates(trained):
+    _, out, log = trained
+    assert (out / "model_final.pth").is_file() and (out / "model_0000001.pth").is_file()
+    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 3
+    assert "Evaluation results for bbox" in log and "Evaluation results for segm" in log
+
+
+def test_eval_only_prints_coco_metrics(trained):
+    datasets, out, _ = trained
+    rc, log = run_train_net(
+        datasets, "--eval-only", *TINY, "OUTPUT_DIR", str(out / "eval"),
+        "MODEL.WEIGHTS", str(out / "model_final.pth"),
+    )
+    assert rc == 0, log[-5000:]
+    assert "Evaluation results for bbox" in log
+    assert re.search(r"copypaste: AP,AP50,AP75,APs,APm,APl\n.*copypaste: [0-9.]+,", log), log[-3000:]
+    assert "Starting training" not in log
+
+
+def test_resume_continues_from_the_saved_iteration(trained):
+    datasets, out, _ = trained
+    rc, log = run_train_net(
+        datasets, "--resume", *TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(out)
+    )
+    assert rc == 0, log[-5000:]
+    assert "Starting training from iteration 4" in log
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 5
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path):
+    rc, log = run_train_net(
+        tmp_path, "--eval-only", "DATASETS.TEST", "('coco_2017_val',)", "OUTPUT_DIR", str(tmp_path / "out")
+    )
+    assert rc != 0
+    assert "Data set 'coco_2017_val' not found" in log and str(tmp_path) in log
+    assert "DETECTRON2_DATASETS" in log
+
+
+# --------------------------------------------------------------------------- the data set
+def test_shapes_dataset_is_valid_deterministic_and_race_free(tmp_path):
+    shared = tmp_path / "a" / "dcnv2_shapes"
+    code = "import sys; from projects_dcnv2.data.shapes import generate_shapes_dataset as g; g(sys.argv[1])"
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(shared)], cwd=REPO) for _ in range(2)]
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    assert not [p for p in shared.parent.iterdir() if p.name != "dcnv2_shapes"]  # no temp left
+    other = generate_shapes_dataset(str(tmp_path / "b" / "dcnv2_shapes"))
+
+    for split, size in SPLIT_SIZES.items():
+        ann = shared / "annotations" / f"instances_{split}.json"
+        assert ann.read_bytes() == (Path(other) / "annotations" / f"instances_{split}.json").read_bytes()
+        assert len(list((shared / split).glob("*.png"))) == size
+        coco = COCO(str(ann))
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(CLASSES)
+        assert len(coco.getImgIds()) == size and len(coco.getAnnIds()) >= size
+        for a in coco.loadAnns(coco.getAnnIds()):
+            x, y, w, h = a["bbox"]
+            assert 0 <= x and 0 <= y and x + w <= IMAGE_SIZE and y + h <= IMAGE_SIZE and w > 4 and h > 4
+            assert 0 < a["area"] <= w * h and len(a["segmentation"][0]) >= 6
+        assert coco.annToMask(coco.loadAnns(coco.getAnnIds())[0]).sum() > 0
+    assert (shared / "train" / "000007.png").read_bytes() == (Path(other) / "train" / "000007.png").read_bytes()
+    counts = json.loads((shared / "annotations" / "instances_train.json").read_text())["annotations"]
+    assert {a["category_id"] for a in counts} == set(range(1, len(CLASSES) + 1))
