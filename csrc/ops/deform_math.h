@@ -166,6 +166,12 @@ struct ConvGeometry {
   int64_t out_channels;
 };
 
+// A block of im2col columns: images [b0, b0 + nb) and output positions [p0, p0 + np) of each image
+// (flattened ho * Wo + wo); column j is image b0 + j / np, position p0 + j % np.
+struct ColumnBlock {
+  int64_t b0, nb, p0, np;
+};
+
 template <typename T>
 DCN_HOST_DEVICE T conv_tap_y(const ConvGeometry& g, int64_t ho, int64_t i, T dy) {
   return static_cast<T>(ho * g.stride_h - g.pad_h + i * g.dil_h) + dy;

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <vector>
 
 namespace dcnv2 {
 
@@ -113,25 +114,52 @@ ConvGeometry make_geometry(const at::Tensor& input, const at::Tensor& offset, co
   return g;
 }
 
-// Images per column block: as many as fit a bounded column buffer (at least one). The bound can be
-// lowered with DCNV2_MAX_COLUMN_ELEMENTS (tests use it to exercise the block loop).
-int64_t images_per_block(const ConvGeometry& g) {
-  int64_t budget = int64_t(1) << 25;  // 32 Mi elements: 128 MB of float32 columns
+// Column blocks: tiles of at most `budget / (C*kh*kw)` columns, either a range of one image's output
+// positions or several whole images. Small tiles keep the column buffer in cache on CPU; on CUDA
+// larger blocks give cuBLAS larger GEMMs. DCNV2_MAX_COLUMN_ELEMENTS overrides the budget (tests use
+// it to exercise the block loop).
+std::vector<ColumnBlock> column_blocks(const ConvGeometry& g, bool cuda) {
+  int64_t budget = cuda ? (int64_t(1) << 25) : (int64_t(1) << 21);
   if (const char* env = std::getenv("DCNV2_MAX_COLUMN_ELEMENTS")) {
     budget = std::max<int64_t>(1, std::atoll(env));
   }
-  const int64_t per_image = g.channels * g.kernel_h * g.kernel_w * g.out_h * g.out_w;
-  return std::max<int64_t>(1, std::min<int64_t>(g.batch, budget / std::max<int64_t>(per_image, 1)));
+  const int64_t hw = g.out_h * g.out_w;
+  const int64_t max_cols = std::max<int64_t>(1, budget / (g.channels * g.kernel_h * g.kernel_w));
+  std::vector<ColumnBlock> blocks;
+  if (max_cols < hw) {
+    for (int64_t b = 0; b < g.batch; ++b) {
+      for (int64_t p0 = 0; p0 < hw; p0 += max_cols) {
+        blocks.push_back({b, 1, p0, std::min(max_cols, hw - p0)});
+      }
+    }
+  } else {
+    const int64_t step = std::min<int64_t>(g.batch, max_cols / hw);
+    for (int64_t b0 = 0; b0 < g.batch; b0 += step) {
+      blocks.push_back({b0, std::min(step, g.batch - b0), 0, hw});
+    }
+  }
+  return blocks;
 }
 
-// (nb, C_out, Ho*Wo) block of a (N, C_out, Ho, Wo) tensor as (groups, C_out/groups, nb*Ho*Wo).
-at::Tensor to_group_major(const at::Tensor& t, const ConvGeometry& g, int64_t b0, int64_t nb) {
-  const int64_t hw = g.out_h * g.out_w;
-  const int64_t cg = g.out_channels / g.groups;
-  if (nb == 1) {
-    return t[b0].view({g.groups, cg, hw});
+int64_t max_block_columns(const std::vector<ColumnBlock>& blocks) {
+  int64_t m = 0;
+  for (const ColumnBlock& blk : blocks) {
+    m = std::max(m, blk.nb * blk.np);
   }
-  return t.narrow(0, b0, nb).view({nb, g.groups, cg, hw}).permute({1, 2, 0, 3}).reshape({g.groups, cg, nb * hw});
+  return m;
+}
+
+// The block's part of a (N, C_out, Ho, Wo) tensor as (groups, C_out/groups, columns): a strided view
+// when the block lies in one image, a copy otherwise.
+at::Tensor block_of(const at::Tensor& t, const ConvGeometry& g, const ColumnBlock& blk) {
+  const int64_t hw = g.out_h * g.out_w, cg = g.out_channels / g.groups;
+  if (blk.nb == 1) {
+    return t[blk.b0].view({g.groups, cg, hw}).narrow(2, blk.p0, blk.np);
+  }
+  return t.narrow(0, blk.b0, blk.nb)
+      .view({blk.nb, g.groups, cg, hw})
+      .permute({1, 2, 0, 3})
+      .reshape({g.groups, cg, blk.nb * hw});
 }
 
 }  // namespace
@@ -149,20 +177,23 @@ at::Tensor mdconv_forward(const MDConvPrimitives& prim, const at::Tensor& input_
 
   at::Tensor output = at::zeros({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (g.batch > 0 && g.channels > 0 && g.out_channels > 0) {
-    const int64_t step = images_per_block(g);
-    at::Tensor buffer = at::empty({g.channels * taps * step * hw}, input.options());
-    for (int64_t b0 = 0; b0 < g.batch; b0 += step) {
-      const int64_t nb = std::min(step, g.batch - b0);
-      at::Tensor columns = buffer.narrow(0, 0, g.channels * taps * nb * hw).view({g.channels * taps, nb * hw});
-      prim.im2col(input, offset, mask, g, b0, nb, columns);
-      const at::Tensor cols = columns.view({g.groups, rows_g, nb * hw});
-      if (nb == 1) {
-        at::Tensor out_b = output[b0].view({g.groups, g.out_channels / g.groups, hw});
-        at::bmm_out(out_b, weight, cols);
+    const auto blocks = column_blocks(g, input.is_cuda());
+    at::Tensor buffer = at::empty({g.channels * taps * max_block_columns(blocks)}, input.options());
+    for (const ColumnBlock& blk : blocks) {
+      const int64_t cols = blk.nb * blk.np;
+      at::Tensor columns = buffer.narrow(0, 0, g.channels * taps * cols).view({g.channels * taps, cols});
+      prim.im2col(input, offset, mask, g, blk, columns);
+      const at::Tensor cols_g = columns.view({g.groups, rows_g, cols});
+      if (blk.nb == 1) {
+        at::Tensor out_b = block_of(output, g, blk);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          at::Tensor out_g = out_b[grp];
+          at::mm_out(out_g, weight[grp], cols_g[grp]);
+        }
       } else {
-        output.narrow(0, b0, nb)
-            .view({nb, g.groups, g.out_channels / g.groups, hw})
-            .copy_(at::bmm(weight, cols).view({g.groups, g.out_channels / g.groups, nb, hw}).permute({2, 0, 1, 3}));
+        output.narrow(0, blk.b0, blk.nb)
+            .view({blk.nb, g.groups, g.out_channels / g.groups, hw})
+            .copy_(at::bmm(weight, cols_g).view({g.groups, g.out_channels / g.groups, blk.nb, hw}).permute({2, 0, 1, 3}));
       }
     }
   }
@@ -198,23 +229,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdconv_ba
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options().dtype(acc_dtype));
 
   if (g.batch > 0 && g.channels > 0 && g.out_channels > 0) {
-    const int64_t step = images_per_block(g);
-    at::Tensor col_buffer = at::empty({g.channels * taps * step * hw}, input.options());
-    at::Tensor grad_col_buffer = at::empty({g.channels * taps * step * hw}, input.options());
-    for (int64_t b0 = 0; b0 < g.batch; b0 += step) {
-      const int64_t nb = std::min(step, g.batch - b0);
-      const int64_t numel = g.channels * taps * nb * hw;
-      const at::Tensor grad_out_b = to_group_major(grad_output, g, b0, nb);
+    const auto blocks = column_blocks(g, input.is_cuda());
+    const int64_t max_numel = g.channels * taps * max_block_columns(blocks);
+    at::Tensor col_buffer = at::empty({max_numel}, input.options());
+    at::Tensor grad_col_buffer = at::empty({max_numel}, input.options());
+    for (const ColumnBlock& blk : blocks) {
+      const int64_t cols = blk.nb * blk.np, numel = g.channels * taps * cols;
+      const at::Tensor grad_out_b = block_of(grad_output, g, blk);
 
-      at::Tensor grad_columns = grad_col_buffer.narrow(0, 0, numel).view({g.groups, rows_g, nb * hw});
+      at::Tensor grad_columns = grad_col_buffer.narrow(0, 0, numel).view({g.groups, rows_g, cols});
       at::bmm_out(grad_columns, weight_t, grad_out_b);
-      grad_columns = grad_columns.view({g.channels * taps, nb * hw});
-      prim.col2im(grad_columns, offset, mask, g, b0, nb, grad_input);
-      prim.col2im_coord(grad_columns, input, offset, mask, g, b0, nb, grad_offset, grad_mask);
+      grad_columns = grad_columns.view({g.channels * taps, cols});
+      prim.col2im(grad_columns, offset, mask, g, blk, grad_input);
+      prim.col2im_coord(grad_columns, input, offset, mask, g, blk, grad_offset, grad_mask);
 
-      at::Tensor columns = col_buffer.narrow(0, 0, numel).view({g.channels * taps, nb * hw});
-      prim.im2col(input, offset, mask, g, b0, nb, columns);
-      grad_weight.add_(at::bmm(grad_out_b, columns.view({g.groups, rows_g, nb * hw}).transpose(1, 2)));
+      at::Tensor columns = col_buffer.narrow(0, 0, numel).view({g.channels * taps, cols});
+      prim.im2col(input, offset, mask, g, blk, columns);
+      grad_weight.add_(at::bmm(grad_out_b, columns.view({g.groups, rows_g, cols}).transpose(1, 2)));
     }
   }
   at::Tensor grad_bias;

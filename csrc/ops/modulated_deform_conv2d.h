@@ -3,9 +3,10 @@
 // Shapes: input (N, C, H, W); offset (N, 2*dg*kh*kw, Ho, Wo) laid out [group][tap i*kw+j][dy, dx];
 // mask (N, dg*kh*kw, Ho, Wo) laid out [group][tap]; weight (Cout, C/groups, kh, kw); bias (Cout) or none.
 //
-// The driver (modulated_deform_conv2d.cpp) checks arguments, walks the batch in blocks of images whose
-// column buffer stays under a fixed budget, and hands every GEMM to ATen (MKL / cuBLAS). Only the three
-// column primitives below differ per device (cpu/ and cuda/ kernels).
+// The driver (modulated_deform_conv2d.cpp) checks arguments, walks the output in column blocks (a tile
+// of one image's positions, or several whole images) whose column buffer stays under a fixed budget,
+// and hands every GEMM to ATen (MKL / cuBLAS). Only the three column primitives below differ per
+// device (cpu/ and cuda/ kernels).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,15 +18,15 @@
 namespace dcnv2 {
 
 struct MDConvPrimitives {
-  // columns (C*kh*kw, nb*Ho*Wo) <- mask * bilinear(input) for images [b0, b0 + nb)
+  // columns (C*kh*kw, blk.nb*blk.np) <- mask * bilinear(input) for the block's columns
   void (*im2col)(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
-                 const ConvGeometry& g, int64_t b0, int64_t nb, at::Tensor& columns);
+                 const ConvGeometry& g, const ColumnBlock& blk, at::Tensor& columns);
   // grad_input (N, C, H, W; float32 or float64) += d columns / d input applied to grad_columns
   void (*col2im)(const at::Tensor& grad_columns, const at::Tensor& offset, const at::Tensor& mask,
-                 const ConvGeometry& g, int64_t b0, int64_t nb, at::Tensor& grad_input);
-  // grad_offset, grad_mask (N, ...; same dtype as offset) for images [b0, b0 + nb)
+                 const ConvGeometry& g, const ColumnBlock& blk, at::Tensor& grad_input);
+  // grad_offset, grad_mask (N, ...; same dtype as offset) <- ... at the block's columns
   void (*col2im_coord)(const at::Tensor& grad_columns, const at::Tensor& input, const at::Tensor& offset,
-                       const at::Tensor& mask, const ConvGeometry& g, int64_t b0, int64_t nb,
+                       const at::Tensor& mask, const ConvGeometry& g, const ColumnBlock& blk,
                        at::Tensor& grad_offset, at::Tensor& grad_mask);
 };
 

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../deform_math.h"
@@ -22,27 +23,27 @@ struct Tap {
   T w[4];  // bilinear weight times mask
 };
 
-// Corners of taps (group, k) for images [b0, b0 + nb): table[(group * K + k) * nb * HW + bl * HW + pos].
+// Corners of taps (group, k) for the block's columns: table[(group * K + k) * columns + j].
 template <typename T>
-std::vector<Tap<T>> build_taps(const T* offset, const T* mask, const ConvGeometry& g, int64_t b0, int64_t nb) {
-  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = nb * HW;
+std::vector<Tap<T>> build_taps(const T* offset, const T* mask, const ConvGeometry& g, const ColumnBlock& blk) {
+  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = blk.nb * blk.np;
   std::vector<Tap<T>> table(g.deformable_groups * K * cols);
-  at::parallel_for(0, g.deformable_groups * K * nb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.deformable_groups * K * blk.nb, 1, [&](int64_t begin, int64_t end) {
     Corners<T> c;
     for (int64_t e = begin; e < end; ++e) {
-      const int64_t bl = e % nb, gk = e / nb, k = gk % K, grp = gk / K, b = b0 + bl;
+      const int64_t bl = e % blk.nb, gk = e / blk.nb, k = gk % K, grp = gk / K, b = blk.b0 + bl;
       const T* off_y = offset + ((b * g.deformable_groups + grp) * 2 * K + 2 * k) * HW;
       const T* off_x = off_y + HW;
       const T* m = mask + ((b * g.deformable_groups + grp) * K + k) * HW;
-      Tap<T>* out = table.data() + gk * cols + bl * HW;
+      Tap<T>* out = table.data() + gk * cols + bl * blk.np;
       const int64_t i = k / g.kernel_w, j = k % g.kernel_w;
-      for (int64_t pos = 0; pos < HW; ++pos) {
-        const int64_t ho = pos / g.out_w, wo = pos % g.out_w;
+      for (int64_t t = 0; t < blk.np; ++t) {
+        const int64_t pos = blk.p0 + t, ho = pos / g.out_w, wo = pos % g.out_w;
         dcn_sample(conv_tap_y(g, ho, i, off_y[pos]), conv_tap_x(g, wo, j, off_x[pos]), int(g.height), int(g.width),
                    c);
         for (int n = 0; n < 4; ++n) {
-          out[pos].idx[n] = c.idx[n];
-          out[pos].w[n] = c.w[n] * m[pos];
+          out[t].idx[n] = c.idx[n];
+          out[t].w[n] = c.w[n] * m[pos];
         }
       }
     }
@@ -50,25 +51,35 @@ std::vector<Tap<T>> build_taps(const T* offset, const T* mask, const ConvGeometr
   return table;
 }
 
+// Positions are processed in chunks small enough that a chunk's taps stay in L1 while every channel
+// of the group reads them; a channel's input lines are reused across the kernel taps.
+constexpr int64_t kPositionChunk = 64;
+
 template <typename T>
 void im2col_cpu_impl(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask, const ConvGeometry& g,
-                     int64_t b0, int64_t nb, at::Tensor& columns) {
-  const auto table = build_taps(offset.data_ptr<T>(), mask.data_ptr<T>(), g, b0, nb);
-  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = nb * HW;
+                     const ColumnBlock& blk, at::Tensor& columns) {
+  const auto table = build_taps(offset.data_ptr<T>(), mask.data_ptr<T>(), g, blk);
+  const int64_t K = g.kernel_h * g.kernel_w, cols = blk.nb * blk.np;
   const int64_t plane = g.height * g.width, group_channels = g.channels / g.deformable_groups;
+  const int64_t chunks = (blk.np + kPositionChunk - 1) / kPositionChunk;  // per image
   const T* in = input.data_ptr<T>();
   T* col = columns.data_ptr<T>();
-  at::parallel_for(0, g.channels * K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t c = r / K, k = r % K, grp = c / group_channels;
-      const Tap<T>* taps = table.data() + (grp * K + k) * cols;
-      T* dst = col + r * cols;
-      for (int64_t bl = 0; bl < nb; ++bl) {
-        const T* src = in + ((b0 + bl) * g.channels + c) * plane;
-        for (int64_t pos = 0; pos < HW; ++pos) {
-          const Tap<T>& t = taps[bl * HW + pos];
-          dst[bl * HW + pos] =
-              t.w[0] * src[t.idx[0]] + t.w[1] * src[t.idx[1]] + t.w[2] * src[t.idx[2]] + t.w[3] * src[t.idx[3]];
+  // one task per (deformable group, image, chunk of positions): tasks write disjoint column ranges
+  at::parallel_for(0, g.deformable_groups * blk.nb * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t grp = unit / (blk.nb * chunks), bl = (unit / chunks) % blk.nb;
+      const int64_t t0 = (unit % chunks) * kPositionChunk, n = std::min(kPositionChunk, blk.np - t0);
+      const int64_t j0 = bl * blk.np + t0;
+      for (int64_t c = grp * group_channels; c < (grp + 1) * group_channels; ++c) {
+        const T* src = in + ((blk.b0 + bl) * g.channels + c) * plane;
+        for (int64_t k = 0; k < K; ++k) {
+          const Tap<T>* taps = table.data() + (grp * K + k) * cols + j0;
+          T* dst = col + (c * K + k) * cols + j0;
+          for (int64_t t = 0; t < n; ++t) {
+            const Tap<T>& tap = taps[t];
+            dst[t] = tap.w[0] * src[tap.idx[0]] + tap.w[1] * src[tap.idx[1]] + tap.w[2] * src[tap.idx[2]] +
+                tap.w[3] * src[tap.idx[3]];
+          }
         }
       }
     }
@@ -77,27 +88,35 @@ void im2col_cpu_impl(const at::Tensor& input, const at::Tensor& offset, const at
 
 template <typename T>
 void col2im_cpu_impl(const at::Tensor& grad_columns, const at::Tensor& offset, const at::Tensor& mask,
-                     const ConvGeometry& g, int64_t b0, int64_t nb, at::Tensor& grad_input) {
-  const auto table = build_taps(offset.data_ptr<T>(), mask.data_ptr<T>(), g, b0, nb);
-  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = nb * HW;
+                     const ConvGeometry& g, const ColumnBlock& blk, at::Tensor& grad_input) {
+  const auto table = build_taps(offset.data_ptr<T>(), mask.data_ptr<T>(), g, blk);
+  const int64_t K = g.kernel_h * g.kernel_w, cols = blk.nb * blk.np;
   const int64_t plane = g.height * g.width, group_channels = g.channels / g.deformable_groups;
   const T* gcol = grad_columns.data_ptr<T>();
   T* gin = grad_input.data_ptr<T>();
-  at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t grp = c / group_channels;
-      for (int64_t bl = 0; bl < nb; ++bl) {
-        T* dst = gin + ((b0 + bl) * g.channels + c) * plane;
-        for (int64_t k = 0; k < K; ++k) {
-          const Tap<T>* taps = table.data() + (grp * K + k) * cols + bl * HW;
-          const T* src = gcol + (c * K + k) * cols + bl * HW;
-          for (int64_t pos = 0; pos < HW; ++pos) {
-            const Tap<T>& t = taps[pos];
-            const T v = src[pos];
-            dst[t.idx[0]] += t.w[0] * v;
-            dst[t.idx[1]] += t.w[1] * v;
-            dst[t.idx[2]] += t.w[2] * v;
-            dst[t.idx[3]] += t.w[3] * v;
+  // Tasks own disjoint channel ranges inside one deformable group (each channel owns its gradient
+  // planes: no atomics, deterministic).
+  const int64_t per_group = std::max<int64_t>(
+      1, std::min<int64_t>(group_channels, 2 * at::get_num_threads() / g.deformable_groups));
+  at::parallel_for(0, g.deformable_groups * per_group, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t grp = unit / per_group, part = unit % per_group;
+      const int64_t c0 = grp * group_channels + group_channels * part / per_group;
+      const int64_t c1 = grp * group_channels + group_channels * (part + 1) / per_group;
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t bl = 0; bl < blk.nb; ++bl) {
+          T* dst = gin + ((blk.b0 + bl) * g.channels + c) * plane;
+          for (int64_t k = 0; k < K; ++k) {
+            const Tap<T>* taps = table.data() + (grp * K + k) * cols + bl * blk.np;
+            const T* src = gcol + (c * K + k) * cols + bl * blk.np;
+            for (int64_t t = 0; t < blk.np; ++t) {
+              const Tap<T>& tap = taps[t];
+              const T v = src[t];
+              dst[tap.idx[0]] += tap.w[0] * v;
+              dst[tap.idx[1]] += tap.w[1] * v;
+              dst[tap.idx[2]] += tap.w[2] * v;
+              dst[tap.idx[3]] += tap.w[3] * v;
+            }
           }
         }
       }
@@ -107,37 +126,39 @@ void col2im_cpu_impl(const at::Tensor& grad_columns, const at::Tensor& offset, c
 
 template <typename T>
 void col2im_coord_cpu_impl(const at::Tensor& grad_columns, const at::Tensor& input, const at::Tensor& offset,
-                           const at::Tensor& mask, const ConvGeometry& g, int64_t b0, int64_t nb,
+                           const at::Tensor& mask, const ConvGeometry& g, const ColumnBlock& blk,
                            at::Tensor& grad_offset, at::Tensor& grad_mask) {
-  constexpr int64_t kChunk = 128;
-  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = nb * HW;
+  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = blk.nb * blk.np;
   const int64_t plane = g.height * g.width, group_channels = g.channels / g.deformable_groups;
-  const int64_t chunks = (cols + kChunk - 1) / kChunk;
+  const int64_t chunks = (blk.np + kPositionChunk - 1) / kPositionChunk;  // per image
   const T* in = input.data_ptr<T>();
   const T* off = offset.data_ptr<T>();
   const T* msk = mask.data_ptr<T>();
   const T* gcol = grad_columns.data_ptr<T>();
   T* goff = grad_offset.data_ptr<T>();
   T* gmask = grad_mask.data_ptr<T>();
-  at::parallel_for(0, g.deformable_groups * K * chunks, 1, [&](int64_t begin, int64_t end) {
-    Corners<T> corners[kChunk];
-    T gy[kChunk], gx[kChunk], gm[kChunk];
+  // one task per (group, tap, image, chunk of positions), summing over the group's channels
+  at::parallel_for(0, g.deformable_groups * K * blk.nb * chunks, 1, [&](int64_t begin, int64_t end) {
+    Corners<T> corners[kPositionChunk];
+    T gy[kPositionChunk], gx[kPositionChunk], gm[kPositionChunk];
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t chunk = unit % chunks, gk = unit / chunks, k = gk % K, grp = gk / K;
+      const int64_t chunk = unit % chunks, bl = (unit / chunks) % blk.nb, gk = unit / (chunks * blk.nb);
+      const int64_t k = gk % K, grp = gk / K, b = blk.b0 + bl;
       const int64_t i = k / g.kernel_w, j = k % g.kernel_w;
-      const int64_t j0 = chunk * kChunk, n = std::min(kChunk, cols - j0);
+      const int64_t t0 = chunk * kPositionChunk, n = std::min(kPositionChunk, blk.np - t0);
+      const int64_t j0 = bl * blk.np + t0, p0 = blk.p0 + t0;
+      const T* off_y = off + ((b * g.deformable_groups + grp) * 2 * K + 2 * k) * HW + p0;
+      const T* off_x = off_y + HW;
       for (int64_t t = 0; t < n; ++t) {
-        const int64_t bl = (j0 + t) / HW, pos = (j0 + t) % HW, b = b0 + bl;
-        const int64_t oy = ((b * g.deformable_groups + grp) * 2 * K + 2 * k) * HW + pos;
-        dcn_sample(conv_tap_y(g, pos / g.out_w, i, off[oy]), conv_tap_x(g, pos % g.out_w, j, off[oy + HW]),
+        const int64_t pos = p0 + t;
+        dcn_sample(conv_tap_y(g, pos / g.out_w, i, off_y[t]), conv_tap_x(g, pos % g.out_w, j, off_x[t]),
                    int(g.height), int(g.width), corners[t]);
         gy[t] = gx[t] = gm[t] = T(0);
       }
       for (int64_t c = grp * group_channels; c < (grp + 1) * group_channels; ++c) {
+        const T* src = in + (b * g.channels + c) * plane;
         const T* src_col = gcol + (c * K + k) * cols + j0;
         for (int64_t t = 0; t < n; ++t) {
-          const int64_t bl = (j0 + t) / HW;
-          const T* src = in + ((b0 + bl) * g.channels + c) * plane;
           const Corners<T>& cr = corners[t];
           const T v[4] = {src[cr.idx[0]], src[cr.idx[1]], src[cr.idx[2]], src[cr.idx[3]]};
           const T gc = src_col[t];
@@ -146,13 +167,13 @@ void col2im_coord_cpu_impl(const at::Tensor& grad_columns, const at::Tensor& inp
           gx[t] += gc * (cr.wx[0] * v[0] + cr.wx[1] * v[1] + cr.wx[2] * v[2] + cr.wx[3] * v[3]);
         }
       }
+      T* goff_y = goff + ((b * g.deformable_groups + grp) * 2 * K + 2 * k) * HW + p0;
+      T* goff_x = goff_y + HW;
+      const int64_t om = ((b * g.deformable_groups + grp) * K + k) * HW + p0;
       for (int64_t t = 0; t < n; ++t) {
-        const int64_t bl = (j0 + t) / HW, pos = (j0 + t) % HW, b = b0 + bl;
-        const int64_t oy = ((b * g.deformable_groups + grp) * 2 * K + 2 * k) * HW + pos;
-        const int64_t om = ((b * g.deformable_groups + grp) * K + k) * HW + pos;
-        goff[oy] = gy[t] * msk[om];
-        goff[oy + HW] = gx[t] * msk[om];
-        gmask[om] = gm[t];
+        goff_y[t] = gy[t] * msk[om + t];
+        goff_x[t] = gx[t] * msk[om + t];
+        gmask[om + t] = gm[t];
       }
     }
   });
@@ -165,22 +186,22 @@ void check_cpu_dtype(const at::Tensor& input) {
 }
 
 void im2col_cpu(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask, const ConvGeometry& g,
-                int64_t b0, int64_t nb, at::Tensor& columns) {
+                const ColumnBlock& blk, at::Tensor& columns) {
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnv2_im2col_cpu",
-                             [&] { im2col_cpu_impl<scalar_t>(input, offset, mask, g, b0, nb, columns); });
+                             [&] { im2col_cpu_impl<scalar_t>(input, offset, mask, g, blk, columns); });
 }
 
 void col2im_cpu(const at::Tensor& grad_columns, const at::Tensor& offset, const at::Tensor& mask,
-                const ConvGeometry& g, int64_t b0, int64_t nb, at::Tensor& grad_input) {
+                const ConvGeometry& g, const ColumnBlock& blk, at::Tensor& grad_input) {
   AT_DISPATCH_FLOATING_TYPES(grad_columns.scalar_type(), "dcnv2_col2im_cpu",
-                             [&] { col2im_cpu_impl<scalar_t>(grad_columns, offset, mask, g, b0, nb, grad_input); });
+                             [&] { col2im_cpu_impl<scalar_t>(grad_columns, offset, mask, g, blk, grad_input); });
 }
 
 void col2im_coord_cpu(const at::Tensor& grad_columns, const at::Tensor& input, const at::Tensor& offset,
-                      const at::Tensor& mask, const ConvGeometry& g, int64_t b0, int64_t nb, at::Tensor& grad_offset,
+                      const at::Tensor& mask, const ConvGeometry& g, const ColumnBlock& blk, at::Tensor& grad_offset,
                       at::Tensor& grad_mask) {
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnv2_col2im_coord_cpu", [&] {
-    col2im_coord_cpu_impl<scalar_t>(grad_columns, input, offset, mask, g, b0, nb, grad_offset, grad_mask);
+    col2im_coord_cpu_impl<scalar_t>(grad_columns, input, offset, mask, g, blk, grad_offset, grad_mask);
   });
 }
 

@@ -26,33 +26,33 @@ cudaStream_t stream() {
 
 // ----- modulated deformable convolution -----
 void im2col(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask, const ConvGeometry& g,
-            int64_t b0, int64_t nb, at::Tensor& columns) {
+            const ColumnBlock& blk, at::Tensor& columns) {
   DCN_DISPATCH(input.scalar_type(), "dcnv2_im2col_cuda", [&] {
     check_launch(cuda::mdconv_im2col<scalar_t>(input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
-                                               mask.const_data_ptr<scalar_t>(), g, b0, nb,
+                                               mask.const_data_ptr<scalar_t>(), g, blk,
                                                columns.data_ptr<scalar_t>(), stream()),
                  "mdconv_im2col");
   });
 }
 
 void col2im(const at::Tensor& grad_columns, const at::Tensor& offset, const at::Tensor& mask, const ConvGeometry& g,
-            int64_t b0, int64_t nb, at::Tensor& grad_input) {
+            const ColumnBlock& blk, at::Tensor& grad_input) {
   DCN_DISPATCH(grad_columns.scalar_type(), "dcnv2_col2im_cuda", [&] {
     using acc_t = typename acc_type<scalar_t>::type;
     check_launch(cuda::mdconv_col2im<scalar_t>(grad_columns.const_data_ptr<scalar_t>(),
                                                offset.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(),
-                                               g, b0, nb, grad_input.data_ptr<acc_t>(), stream()),
+                                               g, blk, grad_input.data_ptr<acc_t>(), stream()),
                  "mdconv_col2im");
   });
 }
 
 void col2im_coord(const at::Tensor& grad_columns, const at::Tensor& input, const at::Tensor& offset,
-                  const at::Tensor& mask, const ConvGeometry& g, int64_t b0, int64_t nb, at::Tensor& grad_offset,
+                  const at::Tensor& mask, const ConvGeometry& g, const ColumnBlock& blk, at::Tensor& grad_offset,
                   at::Tensor& grad_mask) {
   DCN_DISPATCH(input.scalar_type(), "dcnv2_col2im_coord_cuda", [&] {
     check_launch(cuda::mdconv_col2im_coord<scalar_t>(
                      grad_columns.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-                     offset.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(), g, b0, nb,
+                     offset.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(), g, blk,
                      grad_offset.data_ptr<scalar_t>(), grad_mask.data_ptr<scalar_t>(), stream()),
                  "mdconv_col2im_coord");
   });

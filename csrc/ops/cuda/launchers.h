@@ -16,16 +16,16 @@ namespace dcnv2 {
 namespace cuda {
 
 template <typename S>
-cudaError_t mdconv_im2col(const S* input, const S* offset, const S* mask, const ConvGeometry& g, int64_t b0,
-                          int64_t nb, S* columns, cudaStream_t stream);
+cudaError_t mdconv_im2col(const S* input, const S* offset, const S* mask, const ConvGeometry& g,
+                          const ColumnBlock& blk, S* columns, cudaStream_t stream);
 
 template <typename S>
-cudaError_t mdconv_col2im(const S* grad_columns, const S* offset, const S* mask, const ConvGeometry& g, int64_t b0,
-                          int64_t nb, typename acc_type<S>::type* grad_input, cudaStream_t stream);
+cudaError_t mdconv_col2im(const S* grad_columns, const S* offset, const S* mask, const ConvGeometry& g,
+                          const ColumnBlock& blk, typename acc_type<S>::type* grad_input, cudaStream_t stream);
 
 template <typename S>
 cudaError_t mdconv_col2im_coord(const S* grad_columns, const S* input, const S* offset, const S* mask,
-                                const ConvGeometry& g, int64_t b0, int64_t nb, S* grad_offset, S* grad_mask,
+                                const ConvGeometry& g, const ColumnBlock& blk, S* grad_offset, S* grad_mask,
                                 cudaStream_t stream);
 
 struct RoiPoolArgs {

@@ -23,11 +23,11 @@ inline unsigned int blocks_for(int64_t n) {
 // One thread per (channel, image, output position); loops over the kernel taps.
 template <typename S, typename A>
 __global__ void im2col_kernel(const S* __restrict__ input, const S* __restrict__ offset, const S* __restrict__ mask,
-                              ConvGeometry g, int64_t b0, int64_t nb, S* __restrict__ columns) {
-  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = nb * HW;
+                              ConvGeometry g, ColumnBlock blk, S* __restrict__ columns) {
+  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = blk.nb * blk.np;
   const int64_t group_channels = g.channels / g.deformable_groups;
   DCN_KERNEL_LOOP(n, g.channels * cols) {
-    const int64_t j = n % cols, c = n / cols, bl = j / HW, pos = j % HW, b = b0 + bl;
+    const int64_t j = n % cols, c = n / cols, b = blk.b0 + j / blk.np, pos = blk.p0 + j % blk.np;
     const int64_t grp = c / group_channels, ho = pos / g.out_w, wo = pos % g.out_w;
     const S* plane = input + (b * g.channels + c) * g.height * g.width;
     const S* off = offset + (b * g.deformable_groups + grp) * 2 * K * HW + pos;
@@ -45,13 +45,13 @@ __global__ void im2col_kernel(const S* __restrict__ input, const S* __restrict__
 // One thread per column element (channel, tap, image, position): scatters into the input gradient.
 template <typename S, typename A>
 __global__ void col2im_kernel(const S* __restrict__ grad_columns, const S* __restrict__ offset,
-                              const S* __restrict__ mask, ConvGeometry g, int64_t b0, int64_t nb,
+                              const S* __restrict__ mask, ConvGeometry g, ColumnBlock blk,
                               A* __restrict__ grad_input) {
-  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = nb * HW;
+  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = blk.nb * blk.np;
   const int64_t group_channels = g.channels / g.deformable_groups;
   DCN_KERNEL_LOOP(n, g.channels * K * cols) {
     const int64_t j = n % cols, row = n / cols, k = row % K, c = row / K;
-    const int64_t bl = j / HW, pos = j % HW, b = b0 + bl, grp = c / group_channels;
+    const int64_t b = blk.b0 + j / blk.np, pos = blk.p0 + j % blk.np, grp = c / group_channels;
     const int64_t oy = ((b * g.deformable_groups + grp) * 2 * K + 2 * k) * HW + pos;
     const A m = static_cast<A>(mask[((b * g.deformable_groups + grp) * K + k) * HW + pos]);
     Corners<A> corners;
@@ -74,12 +74,12 @@ __global__ void col2im_kernel(const S* __restrict__ grad_columns, const S* __res
 template <typename S, typename A>
 __global__ void col2im_coord_kernel(const S* __restrict__ grad_columns, const S* __restrict__ input,
                                     const S* __restrict__ offset, const S* __restrict__ mask, ConvGeometry g,
-                                    int64_t b0, int64_t nb, S* __restrict__ grad_offset, S* __restrict__ grad_mask) {
-  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = nb * HW;
+                                    ColumnBlock blk, S* __restrict__ grad_offset, S* __restrict__ grad_mask) {
+  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = blk.nb * blk.np;
   const int64_t group_channels = g.channels / g.deformable_groups, plane = g.height * g.width;
   DCN_KERNEL_LOOP(n, g.deformable_groups * K * cols) {
     const int64_t j = n % cols, gk = n / cols, k = gk % K, grp = gk / K;
-    const int64_t bl = j / HW, pos = j % HW, b = b0 + bl;
+    const int64_t b = blk.b0 + j / blk.np, pos = blk.p0 + j % blk.np;
     const int64_t oy = ((b * g.deformable_groups + grp) * 2 * K + 2 * k) * HW + pos;
     const int64_t om = ((b * g.deformable_groups + grp) * K + k) * HW + pos;
     Corners<A> cr;
@@ -107,46 +107,46 @@ __global__ void col2im_coord_kernel(const S* __restrict__ grad_columns, const S*
 }  // namespace
 
 template <typename S>
-cudaError_t mdconv_im2col(const S* input, const S* offset, const S* mask, const ConvGeometry& g, int64_t b0,
-                          int64_t nb, S* columns, cudaStream_t stream) {
-  const int64_t n = g.channels * nb * g.out_h * g.out_w;
+cudaError_t mdconv_im2col(const S* input, const S* offset, const S* mask, const ConvGeometry& g,
+                          const ColumnBlock& blk, S* columns, cudaStream_t stream) {
+  const int64_t n = g.channels * blk.nb * blk.np;
   if (n > 0) {
     im2col_kernel<S, typename acc_type<S>::type>
-        <<<blocks_for(n), kThreads, 0, stream>>>(input, offset, mask, g, b0, nb, columns);
+        <<<blocks_for(n), kThreads, 0, stream>>>(input, offset, mask, g, blk, columns);
   }
   return cudaGetLastError();
 }
 
 template <typename S>
-cudaError_t mdconv_col2im(const S* grad_columns, const S* offset, const S* mask, const ConvGeometry& g, int64_t b0,
-                          int64_t nb, typename acc_type<S>::type* grad_input, cudaStream_t stream) {
-  const int64_t n = g.channels * g.kernel_h * g.kernel_w * nb * g.out_h * g.out_w;
+cudaError_t mdconv_col2im(const S* grad_columns, const S* offset, const S* mask, const ConvGeometry& g,
+                          const ColumnBlock& blk, typename acc_type<S>::type* grad_input, cudaStream_t stream) {
+  const int64_t n = g.channels * g.kernel_h * g.kernel_w * blk.nb * blk.np;
   if (n > 0) {
     col2im_kernel<S, typename acc_type<S>::type>
-        <<<blocks_for(n), kThreads, 0, stream>>>(grad_columns, offset, mask, g, b0, nb, grad_input);
+        <<<blocks_for(n), kThreads, 0, stream>>>(grad_columns, offset, mask, g, blk, grad_input);
   }
   return cudaGetLastError();
 }
 
 template <typename S>
 cudaError_t mdconv_col2im_coord(const S* grad_columns, const S* input, const S* offset, const S* mask,
-                                const ConvGeometry& g, int64_t b0, int64_t nb, S* grad_offset, S* grad_mask,
+                                const ConvGeometry& g, const ColumnBlock& blk, S* grad_offset, S* grad_mask,
                                 cudaStream_t stream) {
-  const int64_t n = g.deformable_groups * g.kernel_h * g.kernel_w * nb * g.out_h * g.out_w;
+  const int64_t n = g.deformable_groups * g.kernel_h * g.kernel_w * blk.nb * blk.np;
   if (n > 0) {
     col2im_coord_kernel<S, typename acc_type<S>::type><<<blocks_for(n), kThreads, 0, stream>>>(
-        grad_columns, input, offset, mask, g, b0, nb, grad_offset, grad_mask);
+        grad_columns, input, offset, mask, g, blk, grad_offset, grad_mask);
   }
   return cudaGetLastError();
 }
 
 #define DCN_INSTANTIATE(S)                                                                                      \
-  template cudaError_t mdconv_im2col<S>(const S*, const S*, const S*, const ConvGeometry&, int64_t, int64_t, S*, \
-                                        cudaStream_t);                                                          \
-  template cudaError_t mdconv_col2im<S>(const S*, const S*, const S*, const ConvGeometry&, int64_t, int64_t,     \
+  template cudaError_t mdconv_im2col<S>(const S*, const S*, const S*, const ConvGeometry&, const ColumnBlock&,  \
+                                        S*, cudaStream_t);                                                      \
+  template cudaError_t mdconv_col2im<S>(const S*, const S*, const S*, const ConvGeometry&, const ColumnBlock&,  \
                                         acc_type<S>::type*, cudaStream_t);                                      \
   template cudaError_t mdconv_col2im_coord<S>(const S*, const S*, const S*, const S*, const ConvGeometry&,       \
-                                              int64_t, int64_t, S*, S*, cudaStream_t);
+                                              const ColumnBlock&, S*, S*, cudaStream_t);
 
 DCN_INSTANTIATE(float)
 DCN_INSTANTIATE(double)
