@@ -260,14 +260,16 @@ def test_batch_zero():
         assert torch.count_nonzero(g[k]) == 0, k
 
 
-@pytest.mark.parametrize("images_per_block", [None, 1, 5], ids=["default", "block1", "block5"])
+@pytest.mark.parametrize("images_per_block", [None, 1, 5, 7 / 30, 1 / 30], ids=["default", "block1", "block5",
+                                                                           "tile7", "tile1"])
 def test_large_batch_matches_torchvision(images_per_block, monkeypatch):
     """33 images, run with 2 threads; the column buffer bound (DCNV2_MAX_COLUMN_ELEMENTS, read per
-    call) forces blocks of 1 or 5 images (6 full blocks + a remainder of 3)."""
+    call) forces blocks of 1 or 5 images (6 full blocks + a remainder of 3), or tiles of 7 output
+    positions (4 full tiles + a remainder of 2 per image) or of a single position."""
     case = Case(33, 4, 4, (5, 6), (3, 3), 1, 1, 1, 2, 2, 1.5, True)
     if images_per_block is not None:
         per_image = case.cin * 9 * 5 * 6  # channels * taps * H_out * W_out
-        monkeypatch.setenv("DCNV2_MAX_COLUMN_ELEMENTS", str(images_per_block * per_image))
+        monkeypatch.setenv("DCNV2_MAX_COLUMN_ELEMENTS", str(round(images_per_block * per_image)))
     torch.set_num_threads(2)
     check_against(run_tv, case)
 
