@@ -1,0 +1,35 @@
+"""Loading MMDetection's DCNv2 model zoo and torchvision ImageNet weights into this project's models.
+
+* :mod:`.convert`: key mapping MMDetection / torchvision <-> Detectron2 (no tensor is permuted).
+* :mod:`.validate`: does a converted checkpoint fit a model? (clear errors, nothing half-loaded)
+* :mod:`.checkpointer`: ``DCNv2Checkpointer``, a ``DetectionCheckpointer`` doing both on load;
+  importing it registers the ``torchvision://`` path prefix.
+"""
+from .checkpointer import AUTHOR, DCNv2Checkpointer, TorchvisionHandler, torchvision_url
+from .convert import (
+    COMPONENTS,
+    ConversionReport,
+    convert_d2_to_mmdet,
+    convert_mmdet_to_d2,
+    convert_torchvision_to_d2,
+    find_bottom_up_prefix,
+    guess_format,
+)
+from .validate import CheckpointMismatchError, check_checkpoint_fits, checkpoint_scope
+
+__all__ = [
+    "AUTHOR",
+    "COMPONENTS",
+    "CheckpointMismatchError",
+    "ConversionReport",
+    "DCNv2Checkpointer",
+    "TorchvisionHandler",
+    "check_checkpoint_fits",
+    "checkpoint_scope",
+    "convert_d2_to_mmdet",
+    "convert_mmdet_to_d2",
+    "convert_torchvision_to_d2",
+    "find_bottom_up_prefix",
+    "guess_format",
+    "torchvision_url",
+]

@@ -1,0 +1,171 @@
+"""``DCNv2Checkpointer``: Detectron2's checkpointer that also reads MMDetection and torchvision files.
+
+``MODEL.WEIGHTS`` may then be
+
+* a Detectron2 checkpoint (``.pth`` from training, ``.pkl`` model-zoo file): loaded exactly as
+  ``DetectionCheckpointer`` does;
+* an MMDetection checkpoint (``{"meta", "state_dict"}`` with ``backbone.layer*`` / ``neck.*`` /
+  ``roi_head.*`` keys), a local path or a URL such as ``https://download.openmmlab.com/...``
+  (downloaded once into iopath's cache, like Detectron2's own URLs): converted on the fly and
+  checked against the model, which must match it completely;
+* a torchvision ImageNet ResNet (``torchvision://resnet50``, its
+  ``https://download.pytorch.org/models/resnet50-*.pth`` URL or a local copy): converted onto the
+  model's ResNet; the DCNv2 offset convs stay zero-initialised and are reported, not warned about;
+* a pickle written by ``tools/convert_mmdet_to_d2.py``: loaded as Detectron2 loads ``.pkl`` files,
+  and checked like the formats above.
+
+A checkpoint that does not fit raises :class:`CheckpointMismatchError` before any tensor is copied.
+Importing this module registers the ``torchvision://`` prefix with Detectron2's ``PathManager``.
+"""
+import pickle
+from typing import Mapping
+
+from iopath.common.file_io import PathHandler
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
+
+from .convert import (
+    ConversionReport,
+    component_of,
+    convert_mmdet_to_d2,
+    convert_torchvision_to_d2,
+    find_bottom_up_prefix,
+    guess_format,
+)
+from .validate import CheckpointMismatchError, check_checkpoint_fits, checkpoint_scope
+
+__all__ = ["AUTHOR", "DCNv2Checkpointer", "TorchvisionHandler", "torchvision_url"]
+
+AUTHOR = "projects_dcnv2"  # "__author__" of the pickles written by tools/convert_mmdet_to_d2.py
+
+
+def torchvision_url(name: str) -> str:
+    """Download URL of torchvision's original ImageNet weights (``IMAGENET1K_V1``, what
+    MMDetection's ``torchvision://<name>`` resolves to) for a model name such as ``resnet50``."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"torchvision://{name}: torchvision has no model named {name!r}") from e
+    if "IMAGENET1K_V1" not in weights.__members__:
+        raise ValueError(f"torchvision://{name}: torchvision has no IMAGENET1K_V1 weights for {name!r}")
+    return weights.IMAGENET1K_V1.url
+
+
+class TorchvisionHandler(PathHandler):
+    """Resolves ``torchvision://<model name>`` to torchvision's weight URL, downloaded through
+    ``PathManager``'s HTTP cache."""
+
+    PREFIX = "torchvision://"
+
+    def _get_supported_prefixes(self):
+        return [self.PREFIX]
+
+    def _get_local_path(self, path, **kwargs):
+        return PathManager.get_local_path(torchvision_url(path[len(self.PREFIX):]), **kwargs)
+
+    def _open(self, path, mode="r", **kwargs):
+        return PathManager.open(self._get_local_path(path), mode, **kwargs)
+
+
+PathManager.register_handler(TorchvisionHandler())
+
+
+class DCNv2Checkpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that converts MMDetection and torchvision checkpoints on load.
+
+    Same constructor as ``DetectionCheckpointer``. After a converted load, ``self.report`` holds
+    the :class:`ConversionReport` (also logged); it is None after a plain Detectron2 load.
+    """
+
+    def __init__(self, model, save_dir="", *, save_to_disk=None, **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.report = None
+
+    @classmethod
+    def from_checkpointer(cls, other: DetectionCheckpointer) -> "DCNv2Checkpointer":
+        """A DCNv2Checkpointer with the model, save_dir and checkpointables of ``other`` (e.g. the
+        one ``DefaultTrainer`` builds): ``trainer.checkpointer = DCNv2Checkpointer.from_checkpointer(
+        trainer.checkpointer)``."""
+        return cls(other.model, other.save_dir, save_to_disk=other.save_to_disk, **other.checkpointables)
+
+    def _bottom_up_prefix(self) -> str:
+        prefix = find_bottom_up_prefix(self.model.state_dict().keys())
+        if prefix is not None:
+            return prefix
+        raise CheckpointMismatchError(
+            "the model has no ResNet stem (no '*stem.conv1.weight' parameter), so MMDetection / "
+            "torchvision ResNet weights have nowhere to go"
+        )
+
+    def _load_file(self, filename):
+        try:
+            loaded = super()._load_file(filename)
+        except pickle.UnpicklingError as e:
+            if filename.endswith(".pkl"):
+                raise
+            raise RuntimeError(
+                f"torch.load(weights_only=True) refused {filename}: it holds Python objects besides "
+                "tensors and containers. If you trust the file, convert it once with "
+                f"`python tools/convert_mmdet_to_d2.py {filename} OUT.pkl --trust-pickle` and set "
+                "MODEL.WEIGHTS to OUT.pkl."
+            ) from e
+        if filename.endswith(".pkl"):
+            if loaded.get("__author__") == AUTHOR:
+                loaded["__dcnv2__"] = {"name": filename, "report": None}
+            return loaded
+        content = loaded.get("model")
+        fmt = guess_format(content) if isinstance(content, Mapping) else None
+        if fmt is None:
+            if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
+                raise CheckpointMismatchError(
+                    f"{filename} is an MMCV-style checkpoint ({{'state_dict': ...}}) but its keys are "
+                    "neither MMDetection R-50-FPN R-CNN keys (backbone.layer*, neck.*, rpn_head.*, "
+                    "roi_head.*) nor a torchvision ResNet (conv1.*, layer*.*, fc.*): "
+                    f"{list(content['state_dict'])[:5]}"
+                )
+            return loaded  # a Detectron2 checkpoint
+        convert = convert_mmdet_to_d2 if fmt == "mmdet" else convert_torchvision_to_d2
+        state_dict, report = convert(content, bottom_up_prefix=self._bottom_up_prefix())
+        author = "MMDetection" if fmt == "mmdet" else "torchvision"
+        article = "an" if fmt == "mmdet" else "a"
+        self.logger.info(f"Reading {filename} as {article} {author} checkpoint; converting its keys")
+        return {
+            "model": state_dict,
+            "__author__": f"{author} (converted by {AUTHOR})",
+            "matching_heuristics": False,
+            "__dcnv2__": {"name": filename, "report": report},
+        }
+
+    def _load_model(self, checkpoint):
+        info = checkpoint.pop("__dcnv2__", None)
+        if info is None:
+            self.report = None
+            return super()._load_model(checkpoint)
+        state_dict = checkpoint["model"]
+        self._convert_ndarray_to_tensor(state_dict)
+        prefix = self._bottom_up_prefix()
+        report = info["report"]
+        if report is None:  # a pickle from tools/convert_mmdet_to_d2.py
+            report = ConversionReport(source=f"{AUTHOR} pickle")
+            for k in state_dict:
+                c = component_of(k, prefix)
+                report.counts[c] = report.counts.get(c, 0) + 1
+        expected_missing = check_checkpoint_fits(
+            state_dict,
+            self.model.state_dict(),
+            scope=checkpoint_scope(state_dict, prefix),
+            bottom_up_prefix=prefix,
+            name=info["name"],
+        )
+        report.not_loaded = {c: len(keys) for c, keys in expected_missing.items()}
+        incompatible = super()._load_model(checkpoint)
+        if incompatible.unexpected_keys or incompatible.incorrect_shapes:  # ruled out above
+            raise RuntimeError(f"unexpected load result after validation: {incompatible}")
+        expected = {k for keys in expected_missing.values() for k in keys}
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in expected]
+        self.report = report
+        self.logger.info(f"Loaded {info['name']}:\n{report.summary()}")
+        return incompatible

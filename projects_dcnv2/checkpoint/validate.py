@@ -1,0 +1,199 @@
+"""Check that a converted checkpoint fits a model before anything is loaded.
+
+Two scopes:
+
+* ``"model"`` (a whole MMDetection detector): the key sets must be equal and every shape must
+  match; nothing may be missing, nothing left over.
+* ``"backbone"`` (ImageNet initialisation: torchvision, or an MMDetection backbone only): every
+  checkpoint key must exist in the model's ResNet with the same shape and every ResNet key must
+  be provided, except the DCNv2 offset convs, which stay zero-initialised. Keys outside the
+  ResNet (FPN, heads) keep their initialisation.
+
+On failure a :class:`CheckpointMismatchError` names the keys and shapes and, where the pattern is
+recognisable, the config change that fits (deformable groups, number of classes, mdpool, mdconv,
+mask head).
+"""
+import collections
+from typing import Dict, List, Mapping, Tuple
+
+from .convert import BOTTOM_UP, _short_list, component_of
+
+__all__ = ["CheckpointMismatchError", "check_checkpoint_fits", "checkpoint_scope"]
+
+# Buffers that Detectron2 versions may or may not save; never a reason to refuse a checkpoint.
+_IGNORED = ("pixel_mean", "pixel_std")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model built from the config; nothing has been loaded."""
+
+
+def checkpoint_scope(state_dict: Mapping, bottom_up_prefix: str = BOTTOM_UP) -> str:
+    """``"backbone"`` if every key is under the model's ResNet, else ``"model"``."""
+    return "backbone" if all(k.startswith(bottom_up_prefix) for k in state_dict) else "model"
+
+
+def _shape(t) -> Tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _describe_shapes(items, limit=6) -> str:
+    shown = [f"    {k}: checkpoint {c} vs model {m}" for k, c, m in items[:limit]]
+    if len(items) > limit:
+        shown.append(f"    ... and {len(items) - limit} more")
+    return "\n".join(shown)
+
+
+def _describe_keys(keys, limit=6) -> str:
+    return "    " + _short_list(sorted(keys), limit)
+
+
+def _deform_groups(out_channels: int, weight_shape: Tuple[int, ...]) -> str:
+    taps = weight_shape[-1] * weight_shape[-2] if len(weight_shape) == 4 else 9
+    groups, rest = divmod(out_channels, 3 * taps)
+    return str(groups) if rest == 0 else f"? ({out_channels} is not a multiple of 3*{taps})"
+
+
+def check_checkpoint_fits(
+    checkpoint: Mapping,
+    model_state: Mapping,
+    *,
+    scope: str = "model",
+    bottom_up_prefix: str = BOTTOM_UP,
+    name: str = "checkpoint",
+) -> Dict[str, List[str]]:
+    """Raise :class:`CheckpointMismatchError` unless ``checkpoint`` (Detectron2 names) fits.
+
+    Args:
+        checkpoint: converted state dict (key -> tensor).
+        model_state: ``model.state_dict()`` of the target model.
+        scope: "model" or "backbone", see the module docstring.
+        bottom_up_prefix: where the model keeps its ResNet.
+        name: how to call the checkpoint in messages (e.g. its path).
+
+    Returns:
+        dict component -> model keys the checkpoint leaves at their initialisation (empty for
+        scope "model").
+    """
+    if scope not in ("model", "backbone"):
+        raise ValueError(f"scope must be 'model' or 'backbone', got {scope!r}")
+    model_keys = {k for k in model_state if k not in _IGNORED}
+    ckpt_keys = set(checkpoint)
+    unexpected = ckpt_keys - model_keys
+    missing = model_keys - ckpt_keys
+    shapes = sorted(
+        (k, _shape(checkpoint[k]), _shape(model_state[k]))
+        for k in ckpt_keys & model_keys
+        if _shape(checkpoint[k]) != _shape(model_state[k])
+    )
+
+    expected_missing = collections.defaultdict(list)
+    if scope == "backbone":
+        for k in sorted(missing):
+            in_resnet = k.startswith(bottom_up_prefix)
+            if not in_resnet or component_of(k, bottom_up_prefix) == "offset convs":
+                expected_missing[component_of(k, bottom_up_prefix)].append(k)
+        missing -= {k for keys in expected_missing.values() for k in keys}
+
+    problems = _diagnose(unexpected, missing, shapes, bottom_up_prefix)
+    if problems:
+        raise CheckpointMismatchError(
+            f"{name} does not fit the model built from this config; nothing was loaded.\n"
+            + "\n".join(problems)
+        )
+    return dict(expected_missing)
+
+
+def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
+    problems = []
+    unexpected, missing, shapes = set(unexpected), set(missing), list(shapes)
+
+    # (key, checkpoint shape, model shape) whose output channels (dim 0) differ.
+    offset_shapes = [s for s in shapes if ".conv2_offset." in s[0] and s[1][:1] != s[2][:1]]
+    if offset_shapes:
+        _, ckpt, model = ([s for s in offset_shapes if s[0].endswith(".weight")] or offset_shapes)[0]
+        problems.append(
+            f"- deformable groups differ: checkpoint {_deform_groups(ckpt[0], ckpt)}, model "
+            f"{_deform_groups(model[0], model)} (offset convs have 3 x taps x groups output "
+            f"channels: {ckpt[0]} vs {model[0]}). Set MODEL.RESNETS.DEFORM_NUM_GROUPS to the "
+            "checkpoint's (dg=4: configs/faster_rcnn_R50_FPN_mdconv_dg4.yaml).\n"
+            + _describe_shapes(offset_shapes)
+        )
+        shapes = [s for s in shapes if s not in offset_shapes]
+
+    class_keys = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor.")
+    class_shapes = [s for s in shapes if s[0].startswith(class_keys) and s[1][:1] != s[2][:1]]
+    if class_shapes:
+        cls = [s for s in class_shapes if s[0] == "roi_heads.box_predictor.cls_score.weight"]
+        if cls:
+            _, ckpt, model = cls[0]
+            what = (f"the checkpoint has {ckpt[0] - 1} classes (+ background), the model "
+                    f"MODEL.ROI_HEADS.NUM_CLASSES = {model[0] - 1}")
+        else:
+            what = "the class-specific layers differ"
+        problems.append(f"- number of classes differs: {what}.\n" + _describe_shapes(class_shapes))
+        shapes = [s for s in shapes if s not in class_shapes]
+
+    def take(keys, predicate):
+        found = {k for k in keys if predicate(k)}
+        keys -= found
+        return found
+
+    def is_mdpool(k):
+        return k.startswith("roi_heads.box_pooler.")
+
+    def is_offset(k):
+        return ".conv2_offset." in k
+
+    def is_mask(k):
+        return k.startswith("roi_heads.mask_head.")
+
+    found = take(unexpected, is_mdpool)
+    if found:
+        problems.append(
+            "- the checkpoint has modulated deformable RoI pooling (mdpool) weights but the model's "
+            "box pooler has no parameters: use configs/faster_rcnn_R50_FPN_mdpool.yaml "
+            "(MODEL.ROI_HEADS.NAME: MDPoolROIHeads).\n" + _describe_keys(found)
+        )
+    found = take(missing, is_mdpool)
+    if found:
+        problems.append(
+            "- the model pools boxes with mdpool (MDPoolROIHeads) but the checkpoint has no mdpool "
+            "weights: use a config without MDPoolROIHeads.\n" + _describe_keys(found)
+        )
+    found = take(unexpected, is_offset)
+    if found:
+        stages = sorted({k[len(bottom_up_prefix):].split(".")[0] for k in found})
+        problems.append(
+            f"- the checkpoint has DCNv2 (mdconv) offset convs in {', '.join(stages)} but the "
+            "model's ResNet has no deformable convs there: use a *_mdconv*.yaml config "
+            "(MODEL.BACKBONE.NAME: build_dcnv2_resnet_fpn_backbone, "
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE).\n" + _describe_keys(found)
+        )
+    found = take(missing, is_offset)
+    if found:
+        stages = sorted({k[len(bottom_up_prefix):].split(".")[0] for k in found})
+        problems.append(
+            f"- the model has DCNv2 (mdconv) in {', '.join(stages)} but the checkpoint has no offset "
+            "convs there (a plain-ResNet detector); loading it would leave the offsets at zero and "
+            "the masks at 0.5. Use a config without deformable convs.\n" + _describe_keys(found)
+        )
+    found = take(unexpected, is_mask)
+    if found:
+        problems.append(
+            "- the checkpoint is a Mask R-CNN (mask head weights) but the model has no mask head: "
+            "use a mask_rcnn_*.yaml config (MODEL.MASK_ON: True).\n" + _describe_keys(found)
+        )
+    found = take(missing, is_mask)
+    if found:
+        problems.append(
+            "- the model has a mask head (MODEL.MASK_ON: True) but the checkpoint has none: use a "
+            "faster_rcnn_*.yaml config.\n" + _describe_keys(found)
+        )
+    if shapes:
+        problems.append("- shapes differ:\n" + _describe_shapes(shapes))
+    if unexpected:
+        problems.append(f"- {len(unexpected)} checkpoint keys are not in the model:\n" + _describe_keys(unexpected))
+    if missing:
+        problems.append(f"- {len(missing)} model keys are not in the checkpoint:\n" + _describe_keys(missing))
+    return problems
