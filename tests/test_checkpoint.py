@@ -5,6 +5,7 @@ a hand-written key table (the names of facts sections 4.2-4.3) or by exporting o
 through ``convert_d2_to_mmdet``. Most models are the seed configs with reduced widths (same key
 names, same block counts); the full-size Mask R-CNN mdconv is built once for the exact-shape checks.
 """
+
 import collections
 import importlib.util
 import os
@@ -55,7 +56,7 @@ SMALL = [
     "MODEL.RPN.PRE_NMS_TOPK_TEST", 50,
     "MODEL.RPN.POST_NMS_TOPK_TEST", 10,
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
-]
+]  # fmt: skip
 IMAGE = 64
 
 
@@ -262,7 +263,9 @@ def test_seed_config_round_trip(name, tmp_path):
 
     expected, got = run(source), run(target)
     assert len(expected) > 0
-    for field in ("pred_boxes", "scores", "pred_classes") + (("pred_masks",) if name.startswith("mask") else ()):
+    for field in ("pred_boxes", "scores", "pred_classes") + (
+        ("pred_masks",) if name.startswith("mask") else ()
+    ):
         a, b = expected.get(field), got.get(field)
         a, b = (a.tensor, b.tensor) if field == "pred_boxes" else (a, b)
         assert torch.equal(a, b), field
@@ -284,16 +287,31 @@ def test_full_size_mmdet_checkpoint_loads(full_mask_mdconv, tmp_path):
     checkpointer.load(path)
     state = full_mask_mdconv.state_dict()
     mm = checkpoint["state_dict"]
-    assert torch.equal(state["backbone.bottom_up.res3.0.conv2_offset.weight"], mm["backbone.layer2.0.conv2.conv_offset.weight"])
-    assert torch.equal(state["backbone.bottom_up.res5.2.conv3.norm.running_var"], mm["backbone.layer4.2.bn3.running_var"])
-    assert torch.equal(state["roi_heads.box_predictor.cls_score.bias"], mm["roi_head.bbox_head.fc_cls.bias"])
-    assert torch.equal(state["roi_heads.mask_head.deconv.weight"], mm["roi_head.mask_head.upsample.weight"])
+    assert torch.equal(
+        state["backbone.bottom_up.res3.0.conv2_offset.weight"],
+        mm["backbone.layer2.0.conv2.conv_offset.weight"],
+    )
+    assert torch.equal(
+        state["backbone.bottom_up.res5.2.conv3.norm.running_var"],
+        mm["backbone.layer4.2.bn3.running_var"],
+    )
+    assert torch.equal(
+        state["roi_heads.box_predictor.cls_score.bias"], mm["roi_head.bbox_head.fc_cls.bias"]
+    )
+    assert torch.equal(
+        state["roi_heads.mask_head.deconv.weight"], mm["roi_head.mask_head.upsample.weight"]
+    )
     inverse = convert_d2_to_mmdet(state)["state_dict"]
     for k, v in mm.items():
         if not k.endswith("num_batches_tracked"):
             assert torch.equal(inverse[k], v), k
     assert checkpointer.report.counts == {
-        "backbone": 265, "offset convs": 26, "fpn": 16, "rpn": 6, "box head": 8, "mask head": 12
+        "backbone": 265,
+        "offset convs": 26,
+        "fpn": 16,
+        "rpn": 6,
+        "box head": 8,
+        "mask head": 12,
     }
 
 
@@ -401,15 +419,23 @@ def test_hand_written_subset_maps_to_expected_keys(full_mask_mdconv):
     }
     half = {"roi_head.bbox_head.fc_cls.weight", "roi_head.bbox_head.fc_cls.bias"}  # an FP16 file
     state = {
-        k: (torch.zeros(s, dtype=torch.long) if "num_batches" in k
-            else torch.empty(s, dtype=torch.float16 if k in half else torch.float32))
+        k: (
+            torch.zeros(s, dtype=torch.long)
+            if "num_batches" in k
+            else torch.empty(s, dtype=torch.float16 if k in half else torch.float32)
+        )
         for k, s in mm.items()
     }
     converted, report = convert_mmdet_to_d2(state)
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
     assert all(v.dtype == torch.float32 for v in converted.values())
     assert report.counts == {
-        "backbone": 25, "offset convs": 4, "fpn": 4, "rpn": 6, "box head": 8, "mdpool": 10
+        "backbone": 25,
+        "offset convs": 4,
+        "fpn": 4,
+        "rpn": 6,
+        "box head": 8,
+        "mdpool": 10,
     }
     assert report.dropped == ["backbone.bn1.num_batches_tracked"]
     assert report.legacy_offset_keys == 2 and sorted(report.cast_to_float32) == sorted(half)
@@ -420,19 +446,26 @@ def test_hand_written_subset_maps_to_expected_keys(full_mask_mdconv):
     pool_prefix = "roi_heads.box_pooler.level_poolers.2."
     for k, shape in expected.items():
         if k.startswith(pool_prefix):
-            assert tuple(pool_state[k[len(pool_prefix):]].shape) == shape, k
+            assert tuple(pool_state[k[len(pool_prefix) :]].shape) == shape, k
         else:
             assert tuple(model_state[k].shape) == shape, k
 
 
 def test_conversion_refuses_duplicate_and_unknown_keys():
     offset = torch.zeros(27, 128, 3, 3)
-    with pytest.raises(ValueError, match="both map to 'backbone.bottom_up.res3.0.conv2_offset.weight'"):
-        convert_mmdet_to_d2({
-            "backbone.layer2.0.conv2.conv_offset.weight": offset,
-            "backbone.layer2.0.conv2_offset.weight": offset,
-        })
-    unknown = {"backbone.conv1.weight": torch.zeros(1), "roi_head.bbox_head.shared_convs.0.conv.weight": torch.zeros(1)}
+    with pytest.raises(
+        ValueError, match="both map to 'backbone.bottom_up.res3.0.conv2_offset.weight'"
+    ):
+        convert_mmdet_to_d2(
+            {
+                "backbone.layer2.0.conv2.conv_offset.weight": offset,
+                "backbone.layer2.0.conv2_offset.weight": offset,
+            }
+        )
+    unknown = {
+        "backbone.conv1.weight": torch.zeros(1),
+        "roi_head.bbox_head.shared_convs.0.conv.weight": torch.zeros(1),
+    }
     with pytest.raises(ValueError, match=r"roi_head\.bbox_head\.shared_convs\.0\.conv\.weight"):
         convert_mmdet_to_d2(unknown)
     _, report = convert_mmdet_to_d2(unknown, strict=False)
@@ -442,7 +475,9 @@ def test_conversion_refuses_duplicate_and_unknown_keys():
 def test_legacy_offset_names_round_trip():
     state = build_small("faster_rcnn_R50_FPN_mdconv", 3).state_dict()
     legacy = convert_d2_to_mmdet(state, legacy_offset_names=True)["state_dict"]
-    assert "backbone.layer4.2.conv2_offset.bias" in legacy and not any(".conv_offset." in k for k in legacy)
+    assert "backbone.layer4.2.conv2_offset.bias" in legacy and not any(
+        ".conv_offset." in k for k in legacy
+    )
     back, report = convert_mmdet_to_d2(legacy)
     assert report.legacy_offset_keys == 26
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
@@ -466,7 +501,10 @@ def refuse(path, name, *opts):
 def test_refuses_dg4_checkpoint_for_dg1_config(exported):
     message = refuse(exported("faster_rcnn_R50_FPN_mdconv_dg4"), "faster_rcnn_R50_FPN_mdconv")
     assert "deformable groups differ" in message and "DEFORM_NUM_GROUPS" in message
-    assert "backbone.bottom_up.res3.0.conv2_offset.weight: checkpoint (108, 16, 3, 3) vs model (27, 16, 3, 3)" in message
+    assert (
+        "backbone.bottom_up.res3.0.conv2_offset.weight: checkpoint (108, 16, 3, 3) vs model (27, 16, 3, 3)"
+        in message
+    )
     assert "deformable groups differ: checkpoint 4, model 1" in message
 
 
@@ -483,10 +521,20 @@ def test_refuses_mdconv_checkpoint_for_plain_config(exported):
 
 
 def test_refuses_other_number_of_classes(exported):
-    message = refuse(exported("faster_rcnn_R50_FPN_mdconv"), "faster_rcnn_R50_FPN_mdconv", "MODEL.ROI_HEADS.NUM_CLASSES", 3)
+    message = refuse(
+        exported("faster_rcnn_R50_FPN_mdconv"),
+        "faster_rcnn_R50_FPN_mdconv",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        3,
+    )
     assert "80 classes (+ background)" in message and "NUM_CLASSES = 3" in message
-    assert "roi_heads.box_predictor.cls_score.weight: checkpoint (81, 32) vs model (4, 32)" in message
-    assert "roi_heads.box_predictor.bbox_pred.weight: checkpoint (320, 32) vs model (12, 32)" in message
+    assert (
+        "roi_heads.box_predictor.cls_score.weight: checkpoint (81, 32) vs model (4, 32)" in message
+    )
+    assert (
+        "roi_heads.box_predictor.bbox_pred.weight: checkpoint (320, 32) vs model (12, 32)"
+        in message
+    )
 
 
 def test_refuses_mask_checkpoint_for_faster_config(exported):
@@ -498,13 +546,18 @@ def test_refuses_mask_checkpoint_for_faster_config(exported):
 # torchvision ImageNet initialisation.
 
 
-def test_torchvision_resnet50_initialises_the_dcnv2_backbone(full_mask_mdconv, tmp_path, monkeypatch):
+def test_torchvision_resnet50_initialises_the_dcnv2_backbone(
+    full_mask_mdconv, tmp_path, monkeypatch
+):
     torch.manual_seed(0)
     imagenet = torchvision.models.resnet50().state_dict()  # no download: random weights, real keys
     assert guess_format(imagenet) == "torchvision"
     converted, report = convert_torchvision_to_d2(imagenet)
     assert report.counts == {"backbone": 265}
-    assert {k for k in report.dropped if not k.endswith("num_batches_tracked")} == {"fc.weight", "fc.bias"}
+    assert {k for k in report.dropped if not k.endswith("num_batches_tracked")} == {
+        "fc.weight",
+        "fc.bias",
+    }
     assert len(report.dropped) == 2 + 53
     model_state = full_mask_mdconv.state_dict()
     missing = check_checkpoint_fits(converted, model_state, scope="backbone")
@@ -528,7 +581,11 @@ def test_torchvision_resnet50_initialises_the_dcnv2_backbone(full_mask_mdconv, t
     for k, v in offsets_before.items():
         assert torch.equal(state[k], v), k
     assert checkpointer.report.not_loaded == {
-        "offset convs": 26, "fpn": 16, "rpn": 6, "box head": 8, "mask head": 12
+        "offset convs": 26,
+        "fpn": 16,
+        "rpn": 6,
+        "box head": 8,
+        "mask head": 12,
     }
     assert "zero-initialised" in checkpointer.report.summary()
 
@@ -544,8 +601,10 @@ def test_torchvision_checkpoint_of_wrong_depth_is_refused(tmp_path):
 
 
 def test_openmmlab_url_is_read_through_the_iopath_cache(exported, tmp_path, monkeypatch):
-    url = ("https://download.openmmlab.com/mmdetection/v2.0/dcn/faster_rcnn_r50_fpn_mdpool_1x_coco/"
-           "faster_rcnn_r50_fpn_mdpool_1x_coco_20200307-c0df27ff.pth")
+    url = (
+        "https://download.openmmlab.com/mmdetection/v2.0/dcn/faster_rcnn_r50_fpn_mdpool_1x_coco/"
+        "faster_rcnn_r50_fpn_mdpool_1x_coco_20200307-c0df27ff.pth"
+    )
     cached = tmp_path / url.split("://", 1)[1].split("/", 1)[1]
     os.makedirs(cached.parent)
     with open(exported("faster_rcnn_R50_FPN_mdpool"), "rb") as src, open(cached, "wb") as dst:
@@ -578,7 +637,9 @@ def test_from_checkpointer_keeps_model_save_dir_and_checkpointables(tmp_path):
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_mmdet_to_d2", os.path.join(ROOT, "tools", "convert_mmdet_to_d2.py"))
+    spec = importlib.util.spec_from_file_location(
+        "convert_mmdet_to_d2", os.path.join(ROOT, "tools", "convert_mmdet_to_d2.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -605,8 +666,15 @@ def test_offline_converter(exported, tmp_path, capsys):
     # With a config it does not fit, nothing is written.
     bad = str(tmp_path / "bad.pkl")
     with pytest.raises(CheckpointMismatchError, match="deformable groups differ"):
-        tool.main([exported("faster_rcnn_R50_FPN_mdconv_dg4"), bad, "--config-file",
-                   config_path("faster_rcnn_R50_FPN_mdconv"), *map(str, SMALL)])
+        tool.main(
+            [
+                exported("faster_rcnn_R50_FPN_mdconv_dg4"),
+                bad,
+                "--config-file",
+                config_path("faster_rcnn_R50_FPN_mdconv"),
+                *map(str, SMALL),
+            ]
+        )
     assert not os.path.exists(bad)
 
 

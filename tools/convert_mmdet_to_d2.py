@@ -13,6 +13,7 @@ KEY VALUE pairs override the config) and nothing is written if they do not fit.
 The input is read with ``torch.load(weights_only=True)``; --trust-pickle allows arbitrary pickled
 objects (only for files from a source you trust).
 """
+
 import argparse
 import pickle
 import sys
@@ -37,10 +38,16 @@ from projects_dcnv2.checkpoint.convert import BOTTOM_UP
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="MMDetection / torchvision checkpoint: path, URL or torchvision://NAME")
+    parser.add_argument(
+        "input", help="MMDetection / torchvision checkpoint: path, URL or torchvision://NAME"
+    )
     parser.add_argument("output", help="Detectron2 pickle to write (.pkl)")
-    parser.add_argument("--config-file", default="", help="check the weights against this config's model")
-    parser.add_argument("--trust-pickle", action="store_true", help="torch.load with weights_only=False")
+    parser.add_argument(
+        "--config-file", default="", help="check the weights against this config's model"
+    )
+    parser.add_argument(
+        "--trust-pickle", action="store_true", help="torch.load with weights_only=False"
+    )
     parser.add_argument("opts", nargs="*", help="config overrides, KEY VALUE pairs")
     return parser.parse_intermixed_args(argv)
 
@@ -63,7 +70,9 @@ def main(argv=None):
     """Convert, optionally check, write; returns the :class:`ConversionReport`."""
     args = parse_args(argv)
     if not args.output.endswith(".pkl"):
-        raise ValueError(f"output must end with .pkl (Detectron2 reads other names with torch.load): {args.output}")
+        raise ValueError(
+            f"output must end with .pkl (Detectron2 reads other names with torch.load): {args.output}"
+        )
     local = PathManager.get_local_path(args.input)
     checkpoint = torch.load(local, map_location="cpu", weights_only=not args.trust_pickle)
     fmt = guess_format(checkpoint) if isinstance(checkpoint, Mapping) else None
@@ -83,8 +92,11 @@ def main(argv=None):
     state_dict, report = convert(checkpoint, bottom_up_prefix=prefix)
     if model_state is not None:
         expected_missing = check_checkpoint_fits(
-            state_dict, model_state, scope=checkpoint_scope(state_dict, prefix),
-            bottom_up_prefix=prefix, name=args.input,
+            state_dict,
+            model_state,
+            scope=checkpoint_scope(state_dict, prefix),
+            bottom_up_prefix=prefix,
+            name=args.input,
         )
         report.not_loaded = {c: len(keys) for c, keys in expected_missing.items()}
     print(report.summary())

@@ -5,6 +5,7 @@
 * :mod:`.checkpointer`: ``DCNv2Checkpointer``, a ``DetectionCheckpointer`` doing both on load;
   importing it registers the ``torchvision://`` path prefix.
 """
+
 from .checkpointer import AUTHOR, DCNv2Checkpointer, TorchvisionHandler, torchvision_url
 from .convert import (
     COMPONENTS,

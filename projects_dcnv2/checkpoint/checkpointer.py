@@ -17,6 +17,7 @@
 A checkpoint that does not fit raises :class:`CheckpointMismatchError` before any tensor is copied.
 Importing this module registers the ``torchvision://`` prefix with Detectron2's ``PathManager``.
 """
+
 import pickle
 from typing import Mapping
 
@@ -50,7 +51,9 @@ def torchvision_url(name: str) -> str:
     except (ValueError, KeyError) as e:
         raise ValueError(f"torchvision://{name}: torchvision has no model named {name!r}") from e
     if "IMAGENET1K_V1" not in weights.__members__:
-        raise ValueError(f"torchvision://{name}: torchvision has no IMAGENET1K_V1 weights for {name!r}")
+        raise ValueError(
+            f"torchvision://{name}: torchvision has no IMAGENET1K_V1 weights for {name!r}"
+        )
     return weights.IMAGENET1K_V1.url
 
 
@@ -64,7 +67,7 @@ class TorchvisionHandler(PathHandler):
         return [self.PREFIX]
 
     def _get_local_path(self, path, **kwargs):
-        return PathManager.get_local_path(torchvision_url(path[len(self.PREFIX):]), **kwargs)
+        return PathManager.get_local_path(torchvision_url(path[len(self.PREFIX) :]), **kwargs)
 
     def _open(self, path, mode="r", **kwargs):
         return PathManager.open(self._get_local_path(path), mode, **kwargs)
@@ -89,7 +92,9 @@ class DCNv2Checkpointer(DetectionCheckpointer):
         """A DCNv2Checkpointer with the model, save_dir and checkpointables of ``other`` (e.g. the
         one ``DefaultTrainer`` builds): ``trainer.checkpointer = DCNv2Checkpointer.from_checkpointer(
         trainer.checkpointer)``."""
-        return cls(other.model, other.save_dir, save_to_disk=other.save_to_disk, **other.checkpointables)
+        return cls(
+            other.model, other.save_dir, save_to_disk=other.save_to_disk, **other.checkpointables
+        )
 
     def _bottom_up_prefix(self) -> str:
         prefix = find_bottom_up_prefix(self.model.state_dict().keys())
@@ -131,7 +136,9 @@ class DCNv2Checkpointer(DetectionCheckpointer):
         state_dict, report = convert(content, bottom_up_prefix=self._bottom_up_prefix())
         author = "MMDetection" if fmt == "mmdet" else "torchvision"
         article = "an" if fmt == "mmdet" else "a"
-        self.logger.info(f"Reading {filename} as {article} {author} checkpoint; converting its keys")
+        self.logger.info(
+            f"Reading {filename} as {article} {author} checkpoint; converting its keys"
+        )
         return {
             "model": state_dict,
             "__author__": f"{author} (converted by {AUTHOR})",

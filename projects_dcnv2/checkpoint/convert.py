@@ -13,6 +13,7 @@ Every mapping is a pair of templates whose ``{name}`` fields are integers (shift
 amount, e.g. MMDetection's ``layer1`` is Detectron2's ``res2``) or ``{p}``, a parameter / buffer
 name; the same table is read in both directions, so ``convert_d2_to_mmdet`` is the exact inverse.
 """
+
 import collections
 import re
 from dataclasses import dataclass, field
@@ -42,7 +43,9 @@ class _Rule:
     """One name pattern, in MMDetection / torchvision spelling (``mm``) and in Detectron2's
     (``d2``). ``shift[f]`` is added to integer field ``f`` going mm -> d2."""
 
-    def __init__(self, mm: str, d2: str, shift: Optional[Dict[str, int]] = None, legacy: bool = False):
+    def __init__(
+        self, mm: str, d2: str, shift: Optional[Dict[str, int]] = None, legacy: bool = False
+    ):
         self.mm, self.d2, self.shift, self.legacy = mm, d2, shift or {}, legacy
         self._mm_re, self._d2_re = _compile(mm), _compile(d2)
 
@@ -169,13 +172,17 @@ class ConversionReport:
         lines = [f"{self.source} -> Detectron2: {self.num_converted} tensors ({counts})"]
         if self.dropped:
             kinds = collections.Counter(_drop_kind(k) for k in self.dropped)
-            lines.append("  dropped: " + ", ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items())))
+            lines.append(
+                "  dropped: " + ", ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items()))
+            )
         if self.legacy_offset_keys:
             lines.append(f"  legacy '<conv>_offset' keys renamed: {self.legacy_offset_keys}")
         if self.cast_to_float32:
             lines.append(f"  half-precision tensors cast to float32: {len(self.cast_to_float32)}")
         if self.unmapped:
-            lines.append(f"  unmapped (not converted): {len(self.unmapped)}: {_short_list(self.unmapped)}")
+            lines.append(
+                f"  unmapped (not converted): {len(self.unmapped)}: {_short_list(self.unmapped)}"
+            )
         if self.not_loaded:
             parts = ", ".join(f"{c} {n}" for c, n in self.not_loaded.items())
             lines.append(f"  left at the model's initialisation: {parts}")
@@ -207,13 +214,24 @@ def unwrap_state_dict(checkpoint: Mapping) -> Mapping:
     itself; a DataParallel ``module.`` prefix is removed."""
     state_dict = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"checkpoint['state_dict'] must be a mapping, got {type(state_dict).__name__}")
+        raise TypeError(
+            f"checkpoint['state_dict'] must be a mapping, got {type(state_dict).__name__}"
+        )
     if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = collections.OrderedDict((k[len("module."):], v) for k, v in state_dict.items())
+        state_dict = collections.OrderedDict(
+            (k[len("module.") :], v) for k, v in state_dict.items()
+        )
     return state_dict
 
 
-_MMDET_PREFIXES = ("backbone.conv1.", "backbone.bn1.", "backbone.layer", "neck.", "rpn_head.", "roi_head.")
+_MMDET_PREFIXES = (
+    "backbone.conv1.",
+    "backbone.bn1.",
+    "backbone.layer",
+    "neck.",
+    "rpn_head.",
+    "roi_head.",
+)
 _D2_PREFIXES = ("backbone.bottom_up.", "backbone.fpn_", "proposal_generator.", "roi_heads.")
 _TORCHVISION_PREFIXES = ("conv1.", "bn1.", "layer", "fc.")
 
@@ -248,7 +266,7 @@ def _convert(items, rules, source: str, mm_prefix: str, d2_prefix: str, drop, st
         new_key = None
         if key.startswith(mm_prefix):
             for rule in rules["resnet"]:
-                new_key = rule.to_d2(key[len(mm_prefix):])
+                new_key = rule.to_d2(key[len(mm_prefix) :])
                 if new_key is not None:
                     new_key = d2_prefix + new_key
                     report.legacy_offset_keys += rule.legacy
@@ -267,7 +285,9 @@ def _convert(items, rules, source: str, mm_prefix: str, d2_prefix: str, drop, st
                 "(a DCN offset conv stored in both the old and the new naming?)"
             )
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{source} checkpoint: '{key}' is a {type(value).__name__}, not a tensor")
+            raise TypeError(
+                f"{source} checkpoint: '{key}' is a {type(value).__name__}, not a tensor"
+            )
         if value.dtype in (torch.float16, torch.bfloat16):
             value = value.float()
             report.cast_to_float32.append(key)
@@ -301,8 +321,13 @@ def convert_mmdet_to_d2(
     state_dict = unwrap_state_dict(state_dict)
     rules = {"resnet": _RESNET_RULES, "heads": _HEAD_RULES}
     return _convert(
-        state_dict.items(), rules, "MMDetection", "backbone.", bottom_up_prefix,
-        lambda k: k.endswith(".num_batches_tracked"), strict,
+        state_dict.items(),
+        rules,
+        "MMDetection",
+        "backbone.",
+        bottom_up_prefix,
+        lambda k: k.endswith(".num_batches_tracked"),
+        strict,
     )
 
 
@@ -315,8 +340,13 @@ def convert_torchvision_to_d2(
     state_dict = unwrap_state_dict(state_dict)
     rules = {"resnet": _RESNET_RULES, "heads": []}
     return _convert(
-        state_dict.items(), rules, "torchvision", "", bottom_up_prefix,
-        lambda k: k.endswith(".num_batches_tracked") or k.startswith("fc."), strict,
+        state_dict.items(),
+        rules,
+        "torchvision",
+        "",
+        bottom_up_prefix,
+        lambda k: k.endswith(".num_batches_tracked") or k.startswith("fc."),
+        strict,
     )
 
 
@@ -350,7 +380,7 @@ def convert_d2_to_mmdet(
         new_key = None
         if key.startswith(bottom_up_prefix):
             for rule in resnet:
-                new_key = rule.to_mm(key[len(bottom_up_prefix):])
+                new_key = rule.to_mm(key[len(bottom_up_prefix) :])
                 if new_key is not None:
                     new_key = "backbone." + new_key
                     break
@@ -364,9 +394,13 @@ def convert_d2_to_mmdet(
             continue
         out[new_key] = value
         if new_key.startswith("backbone.") and new_key.endswith(".running_var"):
-            out[new_key[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+            out[new_key[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(
+                0, dtype=torch.long
+            )
     if unmapped:
-        raise ValueError(f"{len(unmapped)} Detectron2 keys have no MMDetection name: {_short_list(unmapped, 12)}")
+        raise ValueError(
+            f"{len(unmapped)} Detectron2 keys have no MMDetection name: {_short_list(unmapped, 12)}"
+        )
     if meta is None:
         meta = {"exported_by": "projects_dcnv2.checkpoint.convert_d2_to_mmdet"}
     return {"meta": dict(meta), "state_dict": out}

@@ -13,6 +13,7 @@ On failure a :class:`CheckpointMismatchError` names the keys and shapes and, whe
 recognisable, the config change that fits (deformable groups, number of classes, mdpool, mdconv,
 mask head).
 """
+
 import collections
 from typing import Dict, List, Mapping, Tuple
 
@@ -111,7 +112,9 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
     # (key, checkpoint shape, model shape) whose output channels (dim 0) differ.
     offset_shapes = [s for s in shapes if ".conv2_offset." in s[0] and s[1][:1] != s[2][:1]]
     if offset_shapes:
-        _, ckpt, model = ([s for s in offset_shapes if s[0].endswith(".weight")] or offset_shapes)[0]
+        _, ckpt, model = ([s for s in offset_shapes if s[0].endswith(".weight")] or offset_shapes)[
+            0
+        ]
         problems.append(
             f"- deformable groups differ: checkpoint {_deform_groups(ckpt[0], ckpt)}, model "
             f"{_deform_groups(model[0], model)} (offset convs have 3 x taps x groups output "
@@ -127,8 +130,10 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
         cls = [s for s in class_shapes if s[0] == "roi_heads.box_predictor.cls_score.weight"]
         if cls:
             _, ckpt, model = cls[0]
-            what = (f"the checkpoint has {ckpt[0] - 1} classes (+ background), the model "
-                    f"MODEL.ROI_HEADS.NUM_CLASSES = {model[0] - 1}")
+            what = (
+                f"the checkpoint has {ckpt[0] - 1} classes (+ background), the model "
+                f"MODEL.ROI_HEADS.NUM_CLASSES = {model[0] - 1}"
+            )
         else:
             what = "the class-specific layers differ"
         problems.append(f"- number of classes differs: {what}.\n" + _describe_shapes(class_shapes))
@@ -163,7 +168,7 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
         )
     found = take(unexpected, is_offset)
     if found:
-        stages = sorted({k[len(bottom_up_prefix):].split(".")[0] for k in found})
+        stages = sorted({k[len(bottom_up_prefix) :].split(".")[0] for k in found})
         problems.append(
             f"- the checkpoint has DCNv2 (mdconv) offset convs in {', '.join(stages)} but the "
             "model's ResNet has no deformable convs there: use a *_mdconv*.yaml config "
@@ -172,7 +177,7 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
         )
     found = take(missing, is_offset)
     if found:
-        stages = sorted({k[len(bottom_up_prefix):].split(".")[0] for k in found})
+        stages = sorted({k[len(bottom_up_prefix) :].split(".")[0] for k in found})
         problems.append(
             f"- the model has DCNv2 (mdconv) in {', '.join(stages)} but the checkpoint has no offset "
             "convs there (a plain-ResNet detector); loading it would leave the offsets at zero and "
@@ -193,7 +198,12 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
     if shapes:
         problems.append("- shapes differ:\n" + _describe_shapes(shapes))
     if unexpected:
-        problems.append(f"- {len(unexpected)} checkpoint keys are not in the model:\n" + _describe_keys(unexpected))
+        problems.append(
+            f"- {len(unexpected)} checkpoint keys are not in the model:\n"
+            + _describe_keys(unexpected)
+        )
     if missing:
-        problems.append(f"- {len(missing)} model keys are not in the checkpoint:\n" + _describe_keys(missing))
+        problems.append(
+            f"- {len(missing)} model keys are not in the checkpoint:\n" + _describe_keys(missing)
+        )
     return problems
