@@ -8,6 +8,7 @@
 Data sets are read from $DETECTRON2_DATASETS (default ./datasets), as in Detectron2.
 CPU-only machines: configs/quick_schedules/*_shapes.yaml train on an embedded synthetic set.
 """
+
 import os
 
 import detectron2.utils.comm as comm

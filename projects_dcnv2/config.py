@@ -8,6 +8,7 @@ The deformable RoI pooler (``MDPoolROIHeads``) reuses ``MODEL.ROI_BOX_HEAD.POOLE
 (7) and ``MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO`` (0 = adaptive, as MMCV); its own knobs are
 below.
 """
+
 from detectron2.config import CfgNode as CN
 
 

@@ -1,4 +1,5 @@
 """Every config in configs/ merges after add_dcnv2_config and builds a model (CPU, build only)."""
+
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,9 @@ def test_config_merges_and_builds(path):
     cfg = load_config(path, ["MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"])
     torch.manual_seed(0)
     model = build_model(cfg)
-    assert model.roi_heads.box_predictor.cls_score.out_features == cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1
+    assert (
+        model.roi_heads.box_predictor.cls_score.out_features == cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1
+    )
     assert hasattr(model.roi_heads, "mask_head") == cfg.MODEL.MASK_ON
 
 

@@ -1,5 +1,6 @@
 """DCNv2 backbone blocks, the mdpool pooler, and one CPU training / inference step per seed
 config at a reduced input size."""
+
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,18 @@ def build(name, opts=()):
 
 
 # --------------------------------------------------------------------------------- backbone
-@pytest.mark.parametrize("name, dg", [("faster_rcnn_R50_FPN_mdconv.yaml", 1),
-                                      ("faster_rcnn_R50_FPN_mdconv_dg4.yaml", 4)])
+@pytest.mark.parametrize(
+    "name, dg", [("faster_rcnn_R50_FPN_mdconv.yaml", 1), ("faster_rcnn_R50_FPN_mdconv_dg4.yaml", 4)]
+)
 def test_mdconv_r50_has_13_deformable_blocks_in_c3_c5(name, dg):
     _, model = build(name)
     resnet = model.backbone.bottom_up
-    for stage, count, width in [("res2", 0, 64), ("res3", 4, 128), ("res4", 6, 256), ("res5", 3, 512)]:
+    for stage, count, width in [
+        ("res2", 0, 64),
+        ("res3", 4, 128),
+        ("res4", 6, 256),
+        ("res5", 3, 512),
+    ]:
         blocks = list(getattr(resnet, stage).children())
         deformable = [b for b in blocks if isinstance(b, ModulatedDeformBottleneckBlock)]
         assert len(deformable) == count == (len(blocks) if count else 0)
@@ -122,8 +129,13 @@ def test_deformable_basic_block_shapes_and_keys():
     out = block(torch.randn(2, 16, 8, 8))
     assert out.shape == (2, 32, 4, 4)
     assert block.conv2_offset.out_channels == 3 * 2 * 9
-    assert {"conv1.weight", "conv2.weight", "conv2.norm.weight", "conv2_offset.weight",
-            "shortcut.weight"} <= set(block.state_dict())
+    assert {
+        "conv1.weight",
+        "conv2.weight",
+        "conv2.norm.weight",
+        "conv2_offset.weight",
+        "shortcut.weight",
+    } <= set(block.state_dict())
 
 
 # ----------------------------------------------------------------------------------- mdpool
@@ -159,12 +171,15 @@ def _pyramid(n=2, size=256):
 def test_mdpool_pooler_assigns_levels_like_detectron2():
     pooler, x = _small_pooler(), _pyramid()
     # sqrt(area) 40 -> P2, 150 -> P3, 250 -> P4, 500 -> P5 (canonical 224 at level 4).
-    boxes = [Boxes(torch.tensor([[10.0, 10, 50, 50], [0, 0, 150, 150]])),
-             Boxes(torch.tensor([[5.0, 5, 255, 255], [0, 0, 500, 500]]))]
+    boxes = [
+        Boxes(torch.tensor([[10.0, 10, 50, 50], [0, 0, 150, 150]])),
+        Boxes(torch.tensor([[5.0, 5, 255, 255], [0, 0, 500, 500]])),
+    ]
     out = pooler(x, boxes)
     assert out.shape == (4, 4, 7, 7)
-    rois = torch.tensor([[0.0, 10, 10, 50, 50], [0, 0, 0, 150, 150],
-                         [1, 5, 5, 255, 255], [1, 0, 0, 500, 500]])
+    rois = torch.tensor(
+        [[0.0, 10, 10, 50, 50], [0, 0, 0, 150, 150], [1, 5, 5, 255, 255], [1, 0, 0, 500, 500]]
+    )
     for i, level in enumerate([0, 1, 2, 3]):
         expected = pooler.level_poolers[level](x[level], rois[i : i + 1])
         torch.testing.assert_close(out[i : i + 1], expected)
@@ -189,9 +204,17 @@ def _batch(mask_on, size=128):
         inst.gt_boxes = Boxes(torch.tensor([[10.0, 12, 60, 70], [50, 40, 120, 110]]))
         inst.gt_classes = torch.tensor([0, 3])
         if mask_on:
-            inst.gt_masks = PolygonMasks([[[10.0, 12, 60, 12, 35, 70]], [[50.0, 40, 120, 40, 120, 110, 50, 110]]])
-        batch.append({"image": torch.rand(3, size, size) * 255, "instances": inst,
-                      "height": size, "width": size})
+            inst.gt_masks = PolygonMasks(
+                [[[10.0, 12, 60, 12, 35, 70]], [[50.0, 40, 120, 40, 120, 110, 50, 110]]]
+            )
+        batch.append(
+            {
+                "image": torch.rand(3, size, size) * 255,
+                "instances": inst,
+                "height": size,
+                "width": size,
+            }
+        )
     return batch
 
 

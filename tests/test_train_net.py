@@ -1,5 +1,6 @@
 """train_net.py end to end on the embedded shapes data set (tiny schedule, CPU), and the data
 set itself: valid COCO, deterministic, safe to generate from several processes at once."""
+
 import json
 import os
 import re
@@ -29,7 +30,11 @@ def run_train_net(datasets, *args):
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets))
     proc = subprocess.run(
         [sys.executable, "train_net.py", "--config-file", CONFIG, *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -48,19 +53,29 @@ def test_train_writes_checkpoints_and_evaluates(trained):
     _, out, log = trained
     assert (out / "model_final.pth").is_file() and (out / "model_0000001.pth").is_file()
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
-    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 3
+    assert (
+        torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"]
+        == 3
+    )
     assert "Evaluation results for bbox" in log and "Evaluation results for segm" in log
 
 
 def test_eval_only_prints_coco_metrics(trained):
     datasets, out, _ = trained
     rc, log = run_train_net(
-        datasets, "--eval-only", *TINY, "OUTPUT_DIR", str(out / "eval"),
-        "MODEL.WEIGHTS", str(out / "model_final.pth"),
+        datasets,
+        "--eval-only",
+        *TINY,
+        "OUTPUT_DIR",
+        str(out / "eval"),
+        "MODEL.WEIGHTS",
+        str(out / "model_final.pth"),
     )
     assert rc == 0, log[-5000:]
     assert "Evaluation results for bbox" in log
-    assert re.search(r"copypaste: AP,AP50,AP75,APs,APm,APl\n.*copypaste: [0-9.]+,", log), log[-3000:]
+    assert re.search(r"copypaste: AP,AP50,AP75,APs,APm,APl\n.*copypaste: [0-9.]+,", log), log[
+        -3000:
+    ]
     assert "Starting training" not in log
 
 
@@ -71,12 +86,20 @@ def test_resume_continues_from_the_saved_iteration(trained):
     )
     assert rc == 0, log[-5000:]
     assert "Starting training from iteration 4" in log
-    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 5
+    assert (
+        torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"]
+        == 5
+    )
 
 
 def test_missing_dataset_says_where_it_looked(tmp_path):
     rc, log = run_train_net(
-        tmp_path, "--eval-only", "DATASETS.TEST", "('coco_2017_val',)", "OUTPUT_DIR", str(tmp_path / "out")
+        tmp_path,
+        "--eval-only",
+        "DATASETS.TEST",
+        "('coco_2017_val',)",
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
     )
     assert rc != 0
     assert "Data set 'coco_2017_val' not found" in log and str(tmp_path) in log
@@ -86,24 +109,40 @@ def test_missing_dataset_says_where_it_looked(tmp_path):
 # --------------------------------------------------------------------------- the data set
 def test_shapes_dataset_is_valid_deterministic_and_race_free(tmp_path):
     shared = tmp_path / "a" / "dcnv2_shapes"
-    code = "import sys; from projects_dcnv2.data.shapes import generate_shapes_dataset as g; g(sys.argv[1])"
-    workers = [subprocess.Popen([sys.executable, "-c", code, str(shared)], cwd=REPO) for _ in range(2)]
+    code = "import sys, projects_dcnv2.data.shapes as s; s.generate_shapes_dataset(sys.argv[1])"
+    workers = [
+        subprocess.Popen([sys.executable, "-c", code, str(shared)], cwd=REPO) for _ in range(2)
+    ]
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     assert not [p for p in shared.parent.iterdir() if p.name != "dcnv2_shapes"]  # no temp left
     other = generate_shapes_dataset(str(tmp_path / "b" / "dcnv2_shapes"))
 
     for split, size in SPLIT_SIZES.items():
         ann = shared / "annotations" / f"instances_{split}.json"
-        assert ann.read_bytes() == (Path(other) / "annotations" / f"instances_{split}.json").read_bytes()
+        assert (
+            ann.read_bytes()
+            == (Path(other) / "annotations" / f"instances_{split}.json").read_bytes()
+        )
         assert len(list((shared / split).glob("*.png"))) == size
         coco = COCO(str(ann))
         assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(CLASSES)
         assert len(coco.getImgIds()) == size and len(coco.getAnnIds()) >= size
         for a in coco.loadAnns(coco.getAnnIds()):
             x, y, w, h = a["bbox"]
-            assert 0 <= x and 0 <= y and x + w <= IMAGE_SIZE and y + h <= IMAGE_SIZE and w > 4 and h > 4
+            assert (
+                0 <= x
+                and 0 <= y
+                and x + w <= IMAGE_SIZE
+                and y + h <= IMAGE_SIZE
+                and w > 4
+                and h > 4
+            )
             assert 0 < a["area"] <= w * h and len(a["segmentation"][0]) >= 6
         assert coco.annToMask(coco.loadAnns(coco.getAnnIds())[0]).sum() > 0
-    assert (shared / "train" / "000007.png").read_bytes() == (Path(other) / "train" / "000007.png").read_bytes()
-    counts = json.loads((shared / "annotations" / "instances_train.json").read_text())["annotations"]
+    assert (shared / "train" / "000007.png").read_bytes() == (
+        Path(other) / "train" / "000007.png"
+    ).read_bytes()
+    counts = json.loads((shared / "annotations" / "instances_train.json").read_text())[
+        "annotations"
+    ]
     assert {a["category_id"] for a in counts} == set(range(1, len(CLASSES) + 1))

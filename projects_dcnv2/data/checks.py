@@ -5,6 +5,7 @@ Detectron2 registers its builtin data sets (``coco_2017_train`` ...) under
 missing file then fails deep inside data loading. :func:`check_datasets_on_disk` fails early
 and says where it looked.
 """
+
 import os
 
 from detectron2.data import MetadataCatalog

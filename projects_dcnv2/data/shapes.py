@@ -22,6 +22,7 @@ mechanism as Detectron2's ``detectron2://`` model-zoo paths). Generation writes 
 folder and renames it into place, so concurrent processes (one per GPU) are safe. Delete the
 folder to regenerate.
 """
+
 import json
 import logging
 import os
@@ -49,7 +50,9 @@ _PREFIX = "dcnv2_shapes://"
 
 def shapes_root():
     """The data set folder: ``$DETECTRON2_DATASETS/dcnv2_shapes`` (default ``./datasets``)."""
-    return os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "dcnv2_shapes")
+    return os.path.join(
+        os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "dcnv2_shapes"
+    )
 
 
 def _unit_polygon(name):
@@ -91,9 +94,9 @@ def _render_image(rng, image_id, file_name):
     for _ in range(rng.randint(1, 5)):
         category = rng.randint(len(CLASSES))
         for _attempt in range(30):
-            vertices = _unit_polygon(CLASSES[category]) @ _random_deformation(
-                rng, rng.uniform(12, 34)
-            ).T
+            vertices = (
+                _unit_polygon(CLASSES[category]) @ _random_deformation(rng, rng.uniform(12, 34)).T
+            )
             lo, hi = vertices.min(0), vertices.max(0)
             if np.any(hi - lo > size - 4):
                 continue
@@ -117,7 +120,9 @@ def _render_image(rng, image_id, file_name):
                 "category_id": category + 1,
                 "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
                 "segmentation": [[round(float(v), 2) for v in vertices.reshape(-1)]],
-                "area": round(float(0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))), 2),
+                "area": round(
+                    float(0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))), 2
+                ),
                 "iscrowd": 0,
             }
         )
@@ -183,7 +188,7 @@ class ShapesPathHandler(PathHandler):
         return [_PREFIX]
 
     def _get_local_path(self, path, force=False, **kwargs):
-        return os.path.join(generate_shapes_dataset(), path[len(_PREFIX):])
+        return os.path.join(generate_shapes_dataset(), path[len(_PREFIX) :])
 
     def _open(self, path, mode="r", buffering=-1, **kwargs):
         return PathManager.open(self._get_local_path(path), mode, buffering, **kwargs)

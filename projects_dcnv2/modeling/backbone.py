@@ -19,6 +19,7 @@ Parameter names follow Detectron2 (``conv1``, ``conv2`` (+ ``.norm``), ``conv2_o
 Only this project's extension is used (CPU and CUDA): Detectron2's own ``DeformConv`` /
 ``ModulatedDeformConv`` need ``detectron2._C`` and are never touched.
 """
+
 import fvcore.nn.weight_init as weight_init
 import torch.nn.functional as F
 from torch import nn
@@ -58,8 +59,9 @@ class _ModulatedDeform3x3:
     """Mixin holding the DCNv2 3x3 conv (``conv2``) and its offset/mask predictor
     (``conv2_offset``); the blocks below call :meth:`_build_deform_conv2` and :meth:`_conv2`."""
 
-    def _build_deform_conv2(self, channels_in, channels_out, *, stride, dilation, groups,
-                            deform_num_groups, norm):
+    def _build_deform_conv2(
+        self, channels_in, channels_out, *, stride, dilation, groups, deform_num_groups, norm
+    ):
         kernel_size = 3
         self.num_taps = deform_num_groups * kernel_size * kernel_size  # G * K
         self.conv2 = _NormedModulatedDeformConv2d(
@@ -243,7 +245,9 @@ def build_dcnv2_resnet_backbone(cfg, input_shape: ShapeSpec):
         stages.append(ResNet.make_stage(**kwargs))
         in_channels, out_channels = out_channels, out_channels * 2
         bottleneck_channels *= 2
-    return ResNet(stem, stages, out_features=res.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    return ResNet(
+        stem, stages, out_features=res.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT
+    )
 
 
 @BACKBONE_REGISTRY.register()

@@ -16,6 +16,7 @@ channel 1 = dy (height) — x first, unlike the conv offsets — scaled by ``gam
 width/height, and ``mask_fc`` -> (M, 1, P, P) in (0, 1); the second, deformed pass is
 multiplied by the mask.
 """
+
 import math
 from typing import List
 
@@ -90,9 +91,7 @@ class MDPoolROIPooler(nn.Module):
             Tensor: (M, C, P, P), RoIs in the order of ``box_lists`` concatenated.
         """
         if len(x) != len(self.level_poolers):
-            raise ValueError(
-                f"expected {len(self.level_poolers)} feature levels, got {len(x)}"
-            )
+            raise ValueError(f"expected {len(self.level_poolers)} feature levels, got {len(x)}")
         if len(box_lists) != x[0].shape[0]:
             raise ValueError(
                 f"expected one Boxes per image ({x[0].shape[0]}), got {len(box_lists)}"

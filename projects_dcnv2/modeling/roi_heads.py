@@ -4,6 +4,7 @@ Everything but the box pooler is Detectron2's ``StandardROIHeads``: box head, pr
 (for Mask R-CNN) the mask branch with its plain ROIAlign pooler. Box features are
 (M, C, P, P) as usual; see :mod:`projects_dcnv2.modeling.poolers` for the pooler itself.
 """
+
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 
 from .poolers import MDPoolROIPooler
