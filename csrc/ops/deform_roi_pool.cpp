@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 namespace dcnv2 {
 
 TORCH_LIBRARY_FRAGMENT(dcnv2, m) {
@@ -22,10 +24,7 @@ namespace {
 constexpr const char* kOp = "dcnv2.deform_roi_pool: ";
 
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
-  TORCH_CHECK(t.device() == input.device(), kOp, name, ": expected a tensor on ", input.device(),
-              " (the device of input), got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), kOp, name, ": expected dtype ", input.scalar_type(),
-              " (the dtype of input), got ", t.scalar_type());
+  check_same_device_and_dtype(kOp, t, name, input);
 }
 
 RoiPoolGeometry make_geometry(const at::Tensor& input, const at::Tensor& rois, const std::optional<at::Tensor>& offset,

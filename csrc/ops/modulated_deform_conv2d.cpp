@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <vector>
@@ -29,10 +31,7 @@ namespace {
 constexpr const char* kOp = "dcnv2.modulated_deform_conv2d: ";
 
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
-  TORCH_CHECK(t.device() == input.device(), kOp, name, ": expected a tensor on ", input.device(),
-              " (the device of input), got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), kOp, name, ": expected dtype ", input.scalar_type(),
-              " (the dtype of input), got ", t.scalar_type());
+  check_same_device_and_dtype(kOp, t, name, input);
 }
 
 void check_4d(const at::Tensor& t, const char* name, const char* layout) {
