@@ -77,6 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdconv_ba
     int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups, int64_t deformable_groups) {
   TORCH_CHECK(input.is_cuda(), "dcnv2.modulated_deform_conv2d: input: expected a CUDA tensor, got one on ",
               input.device());
+  // the input gradient is accumulated with atomics: the standard error under
+  // torch.use_deterministic_algorithms(True) (a warning with warn_only=True)
+  at::globalContext().alertNotDeterministic("dcnv2::_modulated_deform_conv2d_backward (CUDA)");
   const c10::cuda::CUDAGuard guard(input.device());
   return mdconv_backward(kCudaConv, grad_output, input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w,
                          dil_h, dil_w, groups, deformable_groups);
@@ -129,6 +132,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_out
                                                       int64_t pooled_h, int64_t pooled_w, double spatial_scale,
                                                       int64_t sampling_ratio, double gamma) {
   TORCH_CHECK(input.is_cuda(), "dcnv2.deform_roi_pool: input: expected a CUDA tensor, got one on ", input.device());
+  at::globalContext().alertNotDeterministic("dcnv2::_deform_roi_pool_backward (CUDA)");
   const c10::cuda::CUDAGuard guard(input.device());
   return deform_roi_pool_backward(kCudaPool, grad_output, input, rois, offset, pooled_h, pooled_w, spatial_scale,
                                   sampling_ratio, gamma);
