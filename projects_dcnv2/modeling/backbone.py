@@ -63,7 +63,7 @@ class _ModulatedDeform3x3:
         self, channels_in, channels_out, *, stride, dilation, groups, deform_num_groups, norm
     ):
         kernel_size = 3
-        self.num_taps = deform_num_groups * kernel_size * kernel_size  # G * K
+        num_fields = deform_num_groups * kernel_size * kernel_size  # G * K
         self.conv2 = _NormedModulatedDeformConv2d(
             channels_in,
             channels_out,
@@ -80,7 +80,7 @@ class _ModulatedDeform3x3:
         # 2 * G * K offsets (dy, dx per tap and group) followed by G * K mask logits.
         self.conv2_offset = nn.Conv2d(
             channels_in,
-            3 * self.num_taps,
+            3 * num_fields,
             kernel_size,
             stride=stride,
             padding=dilation,
@@ -91,8 +91,9 @@ class _ModulatedDeform3x3:
 
     def _conv2(self, x):
         """(N, C, H, W) -> (N, C', Ho, Wo), without the activation."""
+        num_fields = self.conv2.deformable_groups * self.conv2.num_taps  # G * K
         offset, mask_logits = self.conv2_offset(x).split(
-            [2 * self.num_taps, self.num_taps], dim=1
+            [2 * num_fields, num_fields], dim=1
         )  # (N, 2GK, Ho, Wo), (N, GK, Ho, Wo)
         return self.conv2(x, offset, mask_logits.sigmoid())
 
