@@ -12,13 +12,13 @@ CPU-only machines: configs/quick_schedules/*_shapes.yaml train on an embedded sy
 import os
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 
 from projects_dcnv2 import add_dcnv2_config
 from projects_dcnv2.data import check_datasets_on_disk
+from projects_dcnv2.checkpoint import DCNv2Checkpointer  # also loads MMDetection / torchvision weights
 
 
 def _has_detectron2_extension():
@@ -60,7 +60,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        DCNv2Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
@@ -69,6 +69,7 @@ def main(args):
         return res
 
     trainer = Trainer(cfg)
+    trainer.checkpointer = DCNv2Checkpointer.from_checkpointer(trainer.checkpointer)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
