@@ -18,3 +18,14 @@ def op_test_env():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+# The seed table's configs and their plain twins, shared by the config and modeling tests.
+SEED_CONFIGS = [
+    "faster_rcnn_R50_FPN.yaml",
+    "faster_rcnn_R50_FPN_mdconv.yaml",
+    "faster_rcnn_R50_FPN_mdconv_dg4.yaml",
+    "faster_rcnn_R50_FPN_mdpool.yaml",
+    "mask_rcnn_R50_FPN.yaml",
+    "mask_rcnn_R50_FPN_mdconv.yaml",
+    "mask_rcnn_R50_FPN_mdconv_fp16.yaml",
+]

@@ -11,17 +11,10 @@ from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY, build_mod
 import projects_dcnv2  # noqa: F401  (registers the builders)
 from projects_dcnv2 import add_dcnv2_config
 
+from conftest import SEED_CONFIGS  # noqa: E402  (the configs of the seed table and their plain twins)
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
-SEED_CONFIGS = [
-    "faster_rcnn_R50_FPN.yaml",
-    "faster_rcnn_R50_FPN_mdconv.yaml",
-    "faster_rcnn_R50_FPN_mdconv_dg4.yaml",
-    "faster_rcnn_R50_FPN_mdpool.yaml",
-    "mask_rcnn_R50_FPN.yaml",
-    "mask_rcnn_R50_FPN_mdconv.yaml",
-    "mask_rcnn_R50_FPN_mdconv_fp16.yaml",
-]
 
 
 def load_config(path, opts=()):

@@ -21,16 +21,9 @@ from projects_dcnv2.modeling import (
     ModulatedDeformBottleneckBlock,
 )
 
+from conftest import SEED_CONFIGS  # noqa: E402  (the configs of the seed table and their plain twins)
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-SEED_CONFIGS = [
-    "faster_rcnn_R50_FPN.yaml",
-    "faster_rcnn_R50_FPN_mdconv.yaml",
-    "faster_rcnn_R50_FPN_mdconv_dg4.yaml",
-    "faster_rcnn_R50_FPN_mdpool.yaml",
-    "mask_rcnn_R50_FPN.yaml",
-    "mask_rcnn_R50_FPN_mdconv.yaml",
-    "mask_rcnn_R50_FPN_mdconv_fp16.yaml",
-]
 # Small enough for a CPU step; the architecture is unchanged.
 SMALL = [
     "MODEL.DEVICE", "cpu",

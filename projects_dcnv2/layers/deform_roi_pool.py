@@ -118,13 +118,14 @@ class DeformRoIPoolPack(DeformRoIPool):
                 f"got shape {tuple(input.shape)}"
             )
 
-    def _predict_offset(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.offset_fc(pooled.flatten(1)).view(-1, 2, *self.output_size)
+    def _predict_offset(self, features: torch.Tensor) -> torch.Tensor:
+        """(K, P_h*P_w*C) flattened first-pass features -> (K, 2, P_h, P_w) offsets."""
+        return self.offset_fc(features).view(-1, 2, *self.output_size)
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         self._check_channels(input)
         pooled = super().forward(input, rois)
-        return super().forward(input, rois, self._predict_offset(pooled))
+        return super().forward(input, rois, self._predict_offset(pooled.flatten(1)))
 
 
 class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
@@ -144,6 +145,6 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
         self._check_channels(input)
         pooled = DeformRoIPool.forward(self, input, rois)
         features = pooled.flatten(1)
-        offset = self.offset_fc(features).view(-1, 2, *self.output_size)
+        offset = self._predict_offset(features)
         mask = self.mask_fc(features).view(-1, 1, *self.output_size)
         return DeformRoIPool.forward(self, input, rois, offset) * mask
