@@ -1,0 +1,297 @@
+"""The user-facing tools: tools/visualize_sampling.py (geometry checked against the ops, and end
+to end on freshly built models), tools/demo.py, tools/plot_training_curves.py, and the training
+progress a train_net run leaves behind (log with ETA / losses / lr, metrics.json, TensorBoard)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from projects_dcnv2 import add_dcnv2_config
+from projects_dcnv2.layers import deform_roi_pool, modulated_deform_conv2d
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "configs" / "quick_schedules"
+SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "5"]
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+vis = _load_tool("visualize_sampling")
+
+
+class _Conv:
+    """The geometry attributes ``field_from_conv_offset`` reads from a ModulatedDeformConv2d."""
+
+    def __init__(self, stride=1, padding=1, dilation=1, deformable_groups=1):
+        self.kernel_size, self.stride = (3, 3), (stride, stride)
+        self.padding, self.dilation = (padding, padding), (dilation, dilation)
+        self.deformable_groups = deformable_groups
+
+
+def _field(name, size, stride, out_stride, dy=0.0, dx=0.0, logit=0.0, dilation=1):
+    raw = torch.zeros(27, size, size)
+    raw[0:18:2], raw[1:18:2], raw[18:] = dy, dx, logit
+    conv = _Conv(stride=stride, padding=dilation, dilation=dilation)
+    return vis.field_from_conv_offset(name, raw, conv, out_stride)
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry
+
+
+def test_zero_offsets_give_the_regular_grid_through_strides():
+    # res5.2 (stride 1, output stride 32) <- res5.0 (stride 2: input stride 16), mask logits 0.
+    fields = [_field("res5.2", 4, 1, 32.0), _field("res5.0", 4, 2, 32.0)]
+    unit = np.array([[64.0, 32.0]])  # (y, x) = cell (2, 1) at stride 32
+    locations, weights = vis.compose_sampling_locations(fields, unit)
+    assert locations.shape == (1, 81, 2) and weights.shape == (1, 81)
+    np.testing.assert_allclose(weights, 0.25)  # sigmoid(0) ** 2
+    expected = set()
+    for i1 in range(3):
+        for j1 in range(3):
+            for i2 in range(3):
+                for j2 in range(3):
+                    y = ((2 - 1 + i1) * 2 - 1 + i2) * 16
+                    x = ((1 - 1 + j1) * 2 - 1 + j2) * 16
+                    expected.add((y, x))
+    got = {tuple(p) for p in np.round(locations[0]).astype(int).tolist()}
+    assert got == expected
+    # First layer's tap varies slowest: the first 9 points come from its top-left tap.
+    np.testing.assert_allclose(locations[0, :9].mean(0), [(2 - 1) * 32, (1 - 1) * 32])
+
+
+def test_constant_offsets_shift_by_the_input_stride():
+    dy, dx = 0.5, -1.0
+    fields = [_field("a", 4, 1, 32.0, dy, dx, logit=2.0), _field("b", 8, 2, 16.0, dy, dx, logit=-1.0)]
+    plain = [_field("a", 4, 1, 32.0), _field("b", 8, 2, 16.0)]
+    unit = np.array([[32.0, 64.0], [96.0, 0.0]])
+    moved, weights = vis.compose_sampling_locations(fields, unit)
+    regular, _ = vis.compose_sampling_locations(plain, unit)
+    # Layer a shifts by (dy, dx) cells of its input (stride 32), layer b by (dy, dx) at stride 8,
+    # and b's offset maps are constant, so the shifts add up.
+    np.testing.assert_allclose(moved - regular, np.broadcast_to([dy * 40, dx * 40], moved.shape))
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    np.testing.assert_allclose(weights, sig(2.0) * sig(-1.0))
+
+
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
+def test_tap_locations_match_the_op(stride, dilation):
+    """The op, fed coordinate ramps and a weight that copies tap k to output channel pair k,
+    returns mask * (y, x) of every tap's sample: the locations the tool computes."""
+    torch.manual_seed(0)
+    size = 12
+    out_size = (size + 2 * dilation - 2 * dilation - 1) // stride + 1
+    ramps = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")).double()[None]
+    offset = (torch.rand(1, 18, out_size, out_size, dtype=torch.float64) - 0.5) * 1.6
+    logits = torch.randn(1, 9, out_size, out_size, dtype=torch.float64)
+    weight = torch.zeros(18, 2, 3, 3, dtype=torch.float64)
+    for k in range(9):
+        weight[2 * k, 0, k // 3, k % 3] = weight[2 * k + 1, 1, k // 3, k % 3] = 1
+    out = modulated_deform_conv2d(ramps, offset, logits.sigmoid(), weight, None, stride, dilation, dilation)
+    field = vis.field_from_conv_offset(
+        "x", torch.cat([offset, logits], 1)[0], _Conv(stride, dilation, dilation), out_stride=float(stride)
+    )
+    cells = [(yo, xo) for yo in range(out_size) for xo in range(out_size)]
+    locations, weights = vis.compose_sampling_locations([field], np.array(cells, dtype=np.float64) * stride)
+    for (yo, xo), locs, w in zip(cells, locations, weights):
+        sampled = out[0, :, yo, xo].view(9, 2).numpy() / w[:, None]
+        inside = (locs.min(1) >= 0) & (locs.max(1) <= size - 1)  # zero padding changes the border
+        np.testing.assert_allclose(sampled[inside], locs[inside], atol=1e-9)
+        np.testing.assert_allclose(w, logits[0, :, yo, xo].sigmoid().numpy())
+
+
+def test_deformed_bin_centres_match_the_op():
+    """deform_roi_pool of a coordinate ramp averages a centred grid of samples: each bin's centre."""
+    torch.manual_seed(0)
+    ramps = torch.stack(torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")).double()[None]
+    box = np.array([6.0, 9.0, 30.0, 25.0])
+    rois = torch.tensor([[0.0, *box]], dtype=torch.float64)
+    offset = (torch.rand(1, 2, 7, 7, dtype=torch.float64) - 0.5) * 0.8
+    pooled = deform_roi_pool(ramps, rois, offset, 7, spatial_scale=1.0, sampling_ratio=2, gamma=0.1)
+    rects, mask = vis.deformed_bins(box, offset[0].numpy(), None, gamma=0.1)
+    centres = (rects[..., :2] + rects[..., 2:]) / 2 - 0.5  # continuous -> aligned sample coordinates
+    np.testing.assert_allclose(pooled[0, 1].numpy(), centres[..., 0], atol=1e-9)  # x
+    np.testing.assert_allclose(pooled[0, 0].numpy(), centres[..., 1], atol=1e-9)  # y
+    assert mask.shape == (7, 7) and (mask == 1).all()
+
+
+def test_field_layout_and_layer_selection():
+    raw = torch.arange(2 * 27 * 2 * 2, dtype=torch.float64).view(54, 2, 2)  # G = 2
+    field = vis.field_from_conv_offset("res4.1", raw, _Conv(deformable_groups=2), 16.0, group=1)
+    assert field.offset.shape == (9, 2, 2, 2) and field.mask.shape == (9, 2, 2)
+    assert field.offset[4, 0, 0, 0] == raw[18 + 8, 0, 0] and field.offset[4, 1, 0, 0] == raw[18 + 9, 0, 0]
+    np.testing.assert_allclose(field.mask[3], raw[36 + 9 + 3].sigmoid().numpy())
+    with pytest.raises(ValueError, match="expected \\(54, Ho, Wo\\)"):
+        vis.field_from_conv_offset("x", raw[:27], _Conv(deformable_groups=2), 16.0)
+
+    fields = [_field(n, 2, 1, 8.0) for n in ("res3.0", "res3.1", "res4.0", "res4.1", "res5.0", "res5.1")]
+    names = lambda spec: [f.name for f in vis.select_fields(fields, spec)]  # noqa: E731
+    assert names("res5") == ["res5.1", "res5.0"]
+    assert names("last-per-stage") == ["res5.1", "res4.1", "res3.1"]
+    assert names("res5.1, res3.0") == ["res5.1", "res3.0"]
+    with pytest.raises(ValueError, match="res6"):
+        vis.select_fields(fields, "res6")
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on freshly built (random) models
+
+
+def _checkpoint(tmp_path_factory, config, opts=()):
+    cfg = get_cfg()
+    add_dcnv2_config(cfg)
+    cfg.merge_from_file(str(QUICK / config))
+    cfg.merge_from_list(list(opts))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    path = tmp_path_factory.mktemp("weights") / f"{Path(config).stem}.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    image = Image.new("RGB", (64, 48), (90, 160, 60))
+    draw = ImageDraw.Draw(image)
+    draw.polygon([(8, 8), (30, 12), (14, 34)], fill=(220, 120, 90))
+    draw.ellipse((36, 14, 58, 40), fill=(30, 200, 230))
+    path = tmp_path_factory.mktemp("images") / "shapes.png"
+    image.save(path)
+    return str(path)
+
+
+def _assert_png(path, min_size=(300, 200)):
+    assert os.path.isfile(path), path
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape[1] >= min_size[0] and image.shape[0] >= min_size[1], image.shape
+    assert image.std() > 10 and len(np.unique(image.reshape(-1, 3), axis=0)) > 20  # not blank
+    assert os.path.getsize(path) < 300 * 1024
+
+
+def test_visualize_sampling_mdconv_model(tmp_path_factory, tmp_path, image_path):
+    config = "mask_rcnn_R50_FPN_mdconv_shapes.yaml"
+    weights = _checkpoint(tmp_path_factory, config)
+    written = vis.main([
+        "--config-file", str(QUICK / config), "--input", image_path, "--output", str(tmp_path),
+        "--positions", "40,20", "10,40", "--layers", "last-per-stage", "--display-size", "150",
+        *SMALL, "MODEL.WEIGHTS", weights,
+    ])  # fmt: skip
+    assert written == [str(tmp_path / "sampling_shapes.png")]
+    _assert_png(written[0])
+
+
+def test_visualize_sampling_captures_every_deformable_block(tmp_path_factory, image_path):
+    cfg = get_cfg()
+    add_dcnv2_config(cfg)
+    cfg.merge_from_file(str(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml"))
+    model = build_model(cfg).eval()
+    image = torch.as_tensor(np.asarray(Image.open(image_path)).transpose(2, 0, 1).copy())
+    with torch.no_grad(), vis.capture_deform_fields(model) as fields:
+        model.inference([{"image": image}], do_postprocess=False)
+    assert [f.name for f in fields] == [f"res{s}.{b}" for s, n in ((3, 4), (4, 6), (5, 3)) for b in range(n)]
+    strides = {f.name: (f.out_stride, tuple(f.in_stride)) for f in fields}
+    assert strides["res3.0"] == (8.0, (4.0, 4.0)) and strides["res3.3"] == (8.0, (8.0, 8.0))
+    assert strides["res5.0"] == (32.0, (16.0, 16.0)) and strides["res5.2"] == (32.0, (32.0, 32.0))
+    # Fresh offset convs are zero: offsets 0, masks 0.5.
+    assert all(np.all(f.offset == 0) and np.allclose(f.mask, 0.5) for f in fields)
+
+
+def test_visualize_sampling_mdpool_model(tmp_path_factory, tmp_path, image_path):
+    config = "faster_rcnn_R50_FPN_mdpool_shapes.yaml"
+    weights = _checkpoint(tmp_path_factory, config)
+    written = vis.main([
+        "--config-file", str(QUICK / config), "--input", image_path, "--output", str(tmp_path),
+        "--name", "tiny", "--confidence-threshold", "0", "--topk", "2", "--display-size", "150",
+        *SMALL, "MODEL.WEIGHTS", weights,
+    ])  # fmt: skip
+    assert written == [str(tmp_path / "mdpool_bins_tiny.png")]
+    _assert_png(written[0])
+
+
+def test_demo_writes_drawn_detections(tmp_path_factory, tmp_path, image_path):
+    pytest.importorskip("cv2", reason="Detectron2's Visualizer needs OpenCV")
+    demo = _load_tool("demo")
+    config = "mask_rcnn_R50_FPN_mdconv_shapes.yaml"
+    weights = _checkpoint(tmp_path_factory, config)
+    folder = Path(image_path).parent
+    written = demo.main([
+        "--config-file", str(QUICK / config), "--input", str(folder), str(folder / "*.png"),
+        "--output", str(tmp_path), "--prefix", "demo_", "--confidence-threshold", "0",
+        *SMALL, "MODEL.WEIGHTS", weights,
+    ])  # fmt: skip
+    assert written == [str(tmp_path / "demo_shapes.png")]  # folder and glob name one image once
+    _assert_png(written[0], min_size=(500, 370))  # 64 x 48 upscaled to --display-size 512
+
+
+# ----------------------------------------------------------------------------------------------
+# Training curves and progress
+
+
+def test_plot_training_curves(tmp_path):
+    plot = _load_tool("plot_training_curves")
+    runs = []
+    for name, slope in (("a", 1.0), ("b", 0.5)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [
+            {"iteration": i, "total_loss": 3 - slope * i / 100, "loss_cls": 1 - slope * i / 300, "lr": 0.02}
+            for i in range(19, 400, 20)
+        ]
+        lines.append({"iteration": 399, "bbox/AP": 40.0 + slope})
+        (run / "metrics.json").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+        runs.append(str(run))
+    records, final_ap = plot.load_metrics(runs[0])
+    assert len(records) == 20 and final_ap == {"bbox": 41.0}
+    out = tmp_path / "curves.png"
+    plot.main([*runs, "--labels", "mdconv", "plain", "--output", str(out)])
+    _assert_png(str(out))
+
+
+@pytest.fixture(scope="module")
+def tiny_training_run(tmp_path_factory):
+    """A 4-iteration train_net run (mdconv Faster R-CNN, 1 image of 64 px per batch) without
+    evaluation; 4 iterations so that the ETA is measured (the first 3 are timer warm-up)."""
+    datasets = tmp_path_factory.mktemp("datasets")
+    out = tmp_path_factory.mktemp("train")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets))
+    args = [
+        "--config-file", str(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml"),
+        "MODEL.MASK_ON", "False", "SOLVER.IMS_PER_BATCH", "1", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "2",
+        "SOLVER.CHECKPOINT_PERIOD", "100", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "train_net.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return out
+
+
+def test_training_reports_progress(tiny_training_run):
+    out = tiny_training_run
+    log = (out / "log.txt").read_text()
+    last = [line for line in log.splitlines() if "iter: 3 " in line]
+    assert last, log[-3000:]
+    for field in ("eta:", "total_loss:", "loss_cls:", "loss_rpn_cls:", "lr:"):
+        assert field in last[-1], last[-1]
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
+    assert records[-1]["iteration"] == 3
+    assert {"total_loss", "loss_cls", "loss_box_reg", "lr", "eta_seconds"} <= set(records[-1])
+    events = list(out.glob("events.out.tfevents*"))
+    assert events and events[0].stat().st_size > 0
