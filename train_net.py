@@ -11,6 +11,8 @@ CPU-only machines: configs/quick_schedules/*_shapes.yaml train on an embedded sy
 
 import os
 
+import torch.distributed as dist
+
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
@@ -30,7 +32,26 @@ def _has_detectron2_extension():
 
 
 class Trainer(DefaultTrainer):
-    """Detectron2's ``DefaultTrainer`` with a COCO evaluator."""
+    """Detectron2's ``DefaultTrainer`` with a COCO evaluator and ``DCNv2Checkpointer``."""
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ creates its checkpointer just before the hooks: swap it here so
+        # the PeriodicCheckpointer hook saves through DCNv2Checkpointer too (atomic writes).
+        self.checkpointer = DCNv2Checkpointer.from_checkpointer(self.checkpointer)
+        return super().build_hooks()
+
+    # Detectron2 releases without DefaultTrainer.state_dict (the PyPI 0.6 build) checkpoint only
+    # the iteration and the LR scheduler: `--resume` then restarts the optimizer's momentum. Save
+    # and restore the inner trainer (optimizer, AMP grad scaler) as newer Detectron2 does.
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:  # absent from checkpoints of the releases above
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -54,6 +75,14 @@ def setup(args):
 
 
 def main(args):
+    result = train_or_evaluate(args)
+    if comm.get_world_size() > 1:  # a worker of launch(): leave the process group cleanly
+        comm.synchronize()
+        dist.destroy_process_group()
+    return result
+
+
+def train_or_evaluate(args):
     cfg = setup(args)
     needed = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
     check_datasets_on_disk(needed)  # a clear message naming $DETECTRON2_DATASETS
@@ -69,7 +98,6 @@ def main(args):
         return res
 
     trainer = Trainer(cfg)
-    trainer.checkpointer = DCNv2Checkpointer.from_checkpointer(trainer.checkpointer)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

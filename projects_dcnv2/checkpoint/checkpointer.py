@@ -16,10 +16,18 @@
 
 A checkpoint that does not fit raises :class:`CheckpointMismatchError` before any tensor is copied.
 Importing this module registers the ``torchvision://`` prefix with Detectron2's ``PathManager``.
+
+Saving is atomic on local disks: a checkpoint is written to a temporary file in ``save_dir`` and
+renamed into place, and ``last_checkpoint`` is rewritten the same way only after that rename, so
+a process killed while saving leaves the previous checkpoint and ``last_checkpoint`` intact.
 """
 
+import os
 import pickle
-from typing import Mapping
+import uuid
+from typing import Any, Callable, IO, Mapping
+
+import torch
 
 from iopath.common.file_io import PathHandler
 
@@ -36,7 +44,7 @@ from .convert import (
 )
 from .validate import CheckpointMismatchError, check_checkpoint_fits, checkpoint_scope
 
-__all__ = ["AUTHOR", "DCNv2Checkpointer", "TorchvisionHandler", "torchvision_url"]
+__all__ = ["AUTHOR", "DCNv2Checkpointer", "TorchvisionHandler", "atomic_write", "torchvision_url"]
 
 AUTHOR = "projects_dcnv2"  # "__author__" of the pickles written by tools/convert_mmdet_to_d2.py
 
@@ -76,8 +84,34 @@ class TorchvisionHandler(PathHandler):
 PathManager.register_handler(TorchvisionHandler())
 
 
+def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call ``write(f)`` on a new temporary file next to ``path``, flush it to disk, then rename
+    it onto ``path`` (``os.replace``: readers see the old file or the complete new one, never a
+    partial one). If ``write`` raises, the temporary file is removed and ``path`` is untouched.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    name = f".{os.path.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    tmp = os.path.join(directory, name)
+    try:
+        with open(tmp, "xb") as f:  # "x": never reuse someone else's file; mode follows umask
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class DCNv2Checkpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that converts MMDetection and torchvision checkpoints on load.
+    """``DetectionCheckpointer`` that converts MMDetection and torchvision checkpoints on load
+    and saves atomically.
 
     Same constructor as ``DetectionCheckpointer``. After a converted load, ``self.report`` holds
     the :class:`ConversionReport` (also logged); it is None after a plain Detectron2 load.
@@ -90,10 +124,40 @@ class DCNv2Checkpointer(DetectionCheckpointer):
     @classmethod
     def from_checkpointer(cls, other: DetectionCheckpointer) -> "DCNv2Checkpointer":
         """A DCNv2Checkpointer with the model, save_dir and checkpointables of ``other`` (e.g. the
-        one ``DefaultTrainer`` builds): ``trainer.checkpointer = DCNv2Checkpointer.from_checkpointer(
-        trainer.checkpointer)``."""
+        one ``DefaultTrainer`` builds). Swap it in before ``DefaultTrainer`` builds its hooks (as
+        ``train_net.Trainer.build_hooks`` does): the ``PeriodicCheckpointer`` hook keeps the
+        checkpointer it was given."""
         return cls(
             other.model, other.save_dir, save_to_disk=other.save_to_disk, **other.checkpointables
+        )
+
+    def _save_dir_is_local(self) -> bool:
+        return "://" not in self.save_dir  # other PathManager back-ends keep fvcore's plain write
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """As ``Checkpointer.save`` (model, checkpointables and ``kwargs`` into
+        ``save_dir/<name>.pth``, then ``last_checkpoint``), but each file is written atomically."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not self._save_dir_is_local():
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Point ``save_dir/last_checkpoint`` at ``last_filename_basename``, atomically."""
+        if not self._save_dir_is_local():
+            return super().tag_last_checkpoint(last_filename_basename)
+        atomic_write(
+            os.path.join(self.save_dir, "last_checkpoint"),
+            lambda f: f.write(last_filename_basename.encode()),
         )
 
     def _bottom_up_prefix(self) -> str:
