@@ -49,7 +49,8 @@ class Case(NamedTuple):
 
 
 # Covers: stride 1/2/(2,1)/(1,2); padding 0/1/2/(1,0); dilation 1/2/(2,1); groups 1/2/3; deformable
-# groups 1/2/3/4; kernels (3,3), (3,2), (2,3), (1,1); non-square images; batch 1/2/3; far-out offsets.
+# groups 1/2/3/4; kernels (3,3), (3,2), (2,3), (1,1); non-square images; batch 1/2/3; far-out offsets;
+# 2 to 96 channels.
 CASES = [
     Case(1, 4, 4, (7, 6), (3, 3), 1, 1, 1, 1, 1, 1.0, True),
     Case(3, 4, 6, (8, 9), (3, 2), (2, 1), (1, 0), 1, 2, 4, 2.0, True),
@@ -59,6 +60,10 @@ CASES = [
     Case(2, 4, 2, (5, 8), (3, 3), (1, 2), 2, 2, 1, 2, 50.0, False),
     Case(2, 2, 3, (1, 4), (3, 3), 1, 1, 1, 1, 1, 0.7, True),
     Case(1, 6, 4, (10, 5), (3, 2), 2, 1, (1, 2), 2, 3, 4.0, True),
+    # wide channel runs: the CPU kernels' vectorised loops (8-lane sums, 16-channel slices) and their
+    # remainders; groups 2 x dg 3 splits 96 channels into runs of 32, 16, 16 and 32
+    Case(2, 40, 24, (9, 11), (3, 3), 1, 1, 1, 1, 2, 2.0, True),
+    Case(1, 96, 16, (6, 7), (3, 3), 2, 1, 1, 2, 3, 1.5, False),
 ]
 
 

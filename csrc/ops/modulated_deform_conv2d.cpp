@@ -39,7 +39,9 @@ void check_4d(const at::Tensor& t, const char* name, const char* layout) {
               "-D tensor of shape ", t.sizes());
 }
 
-ConvGeometry make_geometry(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
+}  // namespace
+
+ConvGeometry mdconv_geometry(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h,
                            int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
                            int64_t groups, int64_t deformable_groups) {
@@ -113,11 +115,18 @@ ConvGeometry make_geometry(const at::Tensor& input, const at::Tensor& offset, co
   return g;
 }
 
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const ConvGeometry& g) {
+  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape), kOp, "grad_output: expected shape ",
+              at::IntArrayRef(out_shape), ", got ", grad_output.sizes());
+  check_same(grad_output, "grad_output", input);
+}
+
 // Column blocks: tiles of at most `budget / (C*kh*kw)` columns, either a range of one image's output
 // positions or several whole images. Small tiles keep the column buffer in cache on CPU; on CUDA
 // larger blocks give cuBLAS larger GEMMs. DCNV2_MAX_COLUMN_ELEMENTS overrides the budget (tests use
 // it to exercise the block loop).
-std::vector<ColumnBlock> column_blocks(const ConvGeometry& g, bool cuda) {
+std::vector<ColumnBlock> mdconv_column_blocks(const ConvGeometry& g, bool cuda) {
   int64_t budget = cuda ? (int64_t(1) << 25) : (int64_t(1) << 21);
   if (const char* env = std::getenv("DCNV2_MAX_COLUMN_ELEMENTS")) {
     budget = std::max<int64_t>(1, std::atoll(env));
@@ -139,6 +148,8 @@ std::vector<ColumnBlock> column_blocks(const ConvGeometry& g, bool cuda) {
   }
   return blocks;
 }
+
+namespace {
 
 int64_t max_block_columns(const std::vector<ColumnBlock>& blocks) {
   int64_t m = 0;
@@ -167,7 +178,7 @@ at::Tensor mdconv_forward(const MDConvPrimitives& prim, const at::Tensor& input_
                           const at::Tensor& mask_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias,
                           int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                           int64_t dil_w, int64_t groups, int64_t deformable_groups) {
-  const ConvGeometry g = make_geometry(input_, offset_, mask_, weight_, bias, stride_h, stride_w, pad_h, pad_w,
+  const ConvGeometry g = mdconv_geometry(input_, offset_, mask_, weight_, bias, stride_h, stride_w, pad_h, pad_w,
                                        dil_h, dil_w, groups, deformable_groups);
   const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), mask = mask_.contiguous();
   const int64_t hw = g.out_h * g.out_w, taps = g.kernel_h * g.kernel_w;
@@ -176,7 +187,7 @@ at::Tensor mdconv_forward(const MDConvPrimitives& prim, const at::Tensor& input_
 
   at::Tensor output = at::zeros({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (g.batch > 0 && g.channels > 0 && g.out_channels > 0) {
-    const auto blocks = column_blocks(g, input.is_cuda());
+    const auto blocks = mdconv_column_blocks(g, input.is_cuda());
     at::Tensor buffer = at::empty({g.channels * taps * max_block_columns(blocks)}, input.options());
     for (const ColumnBlock& blk : blocks) {
       const int64_t cols = blk.nb * blk.np;
@@ -207,15 +218,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdconv_ba
     const at::Tensor& mask_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias, int64_t stride_h,
     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups,
     int64_t deformable_groups) {
-  const ConvGeometry g = make_geometry(input_, offset_, mask_, weight_, bias, stride_h, stride_w, pad_h, pad_w,
+  const ConvGeometry g = mdconv_geometry(input_, offset_, mask_, weight_, bias, stride_h, stride_w, pad_h, pad_w,
                                        dil_h, dil_w, groups, deformable_groups);
-  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
-  TORCH_CHECK(grad_output_.sizes() == at::IntArrayRef(out_shape), kOp, "grad_output: expected shape ",
-              at::IntArrayRef(out_shape), ", got ", grad_output_.sizes());
-  check_same(grad_output_, "grad_output", input_);
+  check_grad_output(grad_output_, input_, g);
   const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), mask = mask_.contiguous();
   const at::Tensor grad_output = grad_output_.contiguous();
-  const int64_t hw = g.out_h * g.out_w, taps = g.kernel_h * g.kernel_w;
+  const int64_t taps = g.kernel_h * g.kernel_w;
   const int64_t rows_g = g.channels / g.groups * taps;
   const at::Tensor weight = weight_.contiguous().view({g.groups, g.out_channels / g.groups, rows_g});
   const at::Tensor weight_t = weight.transpose(1, 2);
@@ -228,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdconv_ba
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options().dtype(acc_dtype));
 
   if (g.batch > 0 && g.channels > 0 && g.out_channels > 0) {
-    const auto blocks = column_blocks(g, input.is_cuda());
+    const auto blocks = mdconv_column_blocks(g, input.is_cuda());
     const int64_t max_numel = g.channels * taps * max_block_columns(blocks);
     at::Tensor col_buffer = at::empty({max_numel}, input.options());
     at::Tensor grad_col_buffer = at::empty({max_numel}, input.options());

@@ -5,17 +5,33 @@
 //
 // The driver (modulated_deform_conv2d.cpp) checks arguments, walks the output in column blocks (a tile
 // of one image's positions, or several whole images) whose column buffer stays under a fixed budget,
-// and hands every GEMM to ATen (MKL / cuBLAS). Only the three column primitives below differ per
-// device (cpu/ and cuda/ kernels).
+// and hands every GEMM to ATen (MKL / cuBLAS). The CUDA kernels (cuda/) plug the three column
+// primitives below into it. The CPU backend (cpu/) shares the argument checks and the column blocks
+// but has its own channels-last driver: its columns are (positions, kh*kw*C) rows, so the bilinear
+// corners of a tap are found once and then blended over contiguous channels (vectorised loops).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
+#include <vector>
 
 #include "deform_math.h"
 
 namespace dcnv2 {
+
+// Checks every argument (shapes, dtypes, devices, conv parameters) and returns the geometry.
+ConvGeometry mdconv_geometry(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
+                             const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h,
+                             int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+                             int64_t groups, int64_t deformable_groups);
+
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const ConvGeometry& g);
+
+// Column blocks of at most a fixed number of column elements (C*kh*kw per column; env
+// DCNV2_MAX_COLUMN_ELEMENTS overrides): a range of one image's positions, or several whole images.
+std::vector<ColumnBlock> mdconv_column_blocks(const ConvGeometry& g, bool cuda);
 
 struct MDConvPrimitives {
   // columns (C*kh*kw, blk.nb*blk.np) <- mask * bilinear(input) for the block's columns

@@ -1,9 +1,12 @@
-// CPU column primitives of the modulated deformable convolution, and the CPU registration.
+// CPU backend of the modulated deformable convolution: a channels-last column driver.
 //
-// The bilinear corners of every (deformable group, kernel tap, output position) are computed once per
-// column block (with the mask folded in) and reused by all channels of that group. Work is split so
-// that no two threads write the same element: im2col by column row, col2im by input channel (each
-// channel owns its gradient plane: no atomics, deterministic), col2im_coord by (group, tap, positions).
+// A column is the row of one output position: kh*kw*C values laid out [conv group][tap][channel of
+// the group]. The bilinear corners of a (position, deformable group, tap) are found once (with the
+// mask folded into their weights) and blended over the contiguous channels of the channels-last
+// input, in loops the compiler vectorises. The GEMMs go to ATen (MKL) on transposed views, so the
+// NCHW output is written in place. Work is split so that no two threads write the same element:
+// im2col and the offset/mask gradients by position, col2im by channel slice (a slice owns its
+// channels of every input pixel). No atomics: every result is deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,68 +20,179 @@
 namespace dcnv2 {
 namespace {
 
+// A run of channels [c0, c0 + len) inside one deformable group and one conv group.
+struct Run {
+  int64_t c0, len, dgrp, cgrp;
+};
+
+struct Layout {
+  const ConvGeometry& g;
+  int64_t K, C, cg, row, plane, hw;
+  std::vector<Run> runs;
+  std::vector<int64_t> group_first;  // runs of deformable group d: [group_first[d], group_first[d + 1])
+
+  explicit Layout(const ConvGeometry& geometry)
+      : g(geometry),
+        K(geometry.kernel_h * geometry.kernel_w),
+        C(geometry.channels),
+        cg(geometry.channels / geometry.groups),
+        row(geometry.kernel_h * geometry.kernel_w * geometry.channels),
+        plane(geometry.height * geometry.width),
+        hw(geometry.out_h * geometry.out_w) {
+    const int64_t cd = C / g.deformable_groups;
+    group_first.assign(g.deformable_groups + 1, 0);
+    for (int64_t c = 0; c < C;) {
+      const int64_t end = std::min((c / cg + 1) * cg, (c / cd + 1) * cd);
+      runs.push_back({c, end - c, c / cd, c / cg});
+      group_first[c / cd + 1] = int64_t(runs.size());
+      c = end;
+    }
+  }
+
+  // where run r's channels of tap k start inside a column
+  int64_t column_offset(const Run& r, int64_t k) const {
+    return (r.cgrp * K + k) * cg + (r.c0 - r.cgrp * cg);
+  }
+};
+
+// Corners of tap k of deformable group grp at output position pos of image b, and its mask value.
+template <typename T>
+inline T tap_corners(const T* offset, const T* mask, const Layout& L, int64_t b, int64_t grp, int64_t k,
+                     int64_t pos, Corners<T>& c) {
+  const ConvGeometry& g = L.g;
+  const int64_t base = (b * g.deformable_groups + grp) * L.K + k;
+  const T* off = offset + 2 * base * L.hw + pos;  // dy plane (b, grp, 2k), then dx
+  const T dy = off[0], dx = off[L.hw];
+  dcn_sample(conv_tap_y(g, pos / g.out_w, k / g.kernel_w, dy), conv_tap_x(g, pos % g.out_w, k % g.kernel_w, dx),
+             int(g.height), int(g.width), c);
+  return mask[base * L.hw + pos];
+}
+
+// dst[c] = sum_n w[n] * src_n[c]
+template <typename T>
+inline void blend4(T* __restrict dst, const T* __restrict s0, const T* __restrict s1, const T* __restrict s2,
+                   const T* __restrict s3, T w0, T w1, T w2, T w3, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    dst[c] = w0 * s0[c] + w1 * s1[c] + w2 * s2[c] + w3 * s3[c];
+  }
+}
+
+template <typename T>
+inline void axpy(T* __restrict dst, const T* __restrict src, T w, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    dst[c] += w * src[c];
+  }
+}
+
+// out[n] += sum_c g[c] * s_n[c], in fixed-width lanes (vectorised, same order on every run)
+template <typename T>
+inline void dot4(const T* __restrict g, const T* __restrict s0, const T* __restrict s1, const T* __restrict s2,
+                 const T* __restrict s3, int64_t n, T out[4]) {
+  constexpr int kLanes = 8;
+  T a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const T v = g[c + l];
+      a0[l] += v * s0[c + l];
+      a1[l] += v * s1[c + l];
+      a2[l] += v * s2[c + l];
+      a3[l] += v * s3[c + l];
+    }
+  }
+  for (; c < n; ++c) {
+    a0[0] += g[c] * s0[c];
+    a1[0] += g[c] * s1[c];
+    a2[0] += g[c] * s2[c];
+    a3[0] += g[c] * s3[c];
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    out[0] += a0[l];
+    out[1] += a1[l];
+    out[2] += a2[l];
+    out[3] += a3[l];
+  }
+}
+
+// columns (cols, row) <- mask * bilinear(x) for the block; x is (N, H, W, C)
+template <typename T>
+void im2col(const T* x, const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk, T* columns) {
+  const int64_t cols = blk.nb * blk.np;
+  at::parallel_for(0, cols, 16, [&](int64_t begin, int64_t end) {
+    Corners<T> c;
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t b = blk.b0 + j / blk.np, pos = blk.p0 + j % blk.np;
+      const T* img = x + b * L.plane * L.C;
+      T* dst = columns + j * L.row;
+      for (int64_t grp = 0; grp < L.g.deformable_groups; ++grp) {
+        for (int64_t k = 0; k < L.K; ++k) {
+          const T m = tap_corners(offset, mask, L, b, grp, k, pos, c);
+          for (int64_t r = L.group_first[grp]; r < L.group_first[grp + 1]; ++r) {
+            const Run& run = L.runs[r];
+            const T* src = img + run.c0;
+            blend4(dst + L.column_offset(run, k), src + c.idx[0] * L.C, src + c.idx[1] * L.C, src + c.idx[2] * L.C,
+                   src + c.idx[3] * L.C, c.w[0] * m, c.w[1] * m, c.w[2] * m, c.w[3] * m, run.len);
+          }
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 struct Tap {
   int idx[4];
   T w[4];  // bilinear weight times mask
 };
 
-// Corners of taps (group, k) for the block's columns: table[(group * K + k) * columns + j].
+// grad_x (N, H, W, C) += d columns / d x applied to grad_columns (cols, row)
 template <typename T>
-std::vector<Tap<T>> build_taps(const T* offset, const T* mask, const ConvGeometry& g, const ColumnBlock& blk) {
-  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = blk.nb * blk.np;
-  std::vector<Tap<T>> table(g.deformable_groups * K * cols);
-  at::parallel_for(0, g.deformable_groups * K * blk.nb, 1, [&](int64_t begin, int64_t end) {
+void col2im(const T* grad_columns, const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk,
+            T* grad_x) {
+  const int64_t cols = blk.nb * blk.np, dg = L.g.deformable_groups;
+  std::vector<Tap<T>> taps(cols * dg * L.K);  // [column][group][tap]
+  at::parallel_for(0, cols, 16, [&](int64_t begin, int64_t end) {
     Corners<T> c;
-    for (int64_t e = begin; e < end; ++e) {
-      const int64_t bl = e % blk.nb, gk = e / blk.nb, k = gk % K, grp = gk / K, b = blk.b0 + bl;
-      const T* off_y = offset + ((b * g.deformable_groups + grp) * 2 * K + 2 * k) * HW;
-      const T* off_x = off_y + HW;
-      const T* m = mask + ((b * g.deformable_groups + grp) * K + k) * HW;
-      Tap<T>* out = table.data() + gk * cols + bl * blk.np;
-      const int64_t i = k / g.kernel_w, j = k % g.kernel_w;
-      for (int64_t t = 0; t < blk.np; ++t) {
-        const int64_t pos = blk.p0 + t, ho = pos / g.out_w, wo = pos % g.out_w;
-        dcn_sample(conv_tap_y(g, ho, i, off_y[pos]), conv_tap_x(g, wo, j, off_x[pos]), int(g.height), int(g.width),
-                   c);
-        for (int n = 0; n < 4; ++n) {
-          out[t].idx[n] = c.idx[n];
-          out[t].w[n] = c.w[n] * m[pos];
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t b = blk.b0 + j / blk.np, pos = blk.p0 + j % blk.np;
+      for (int64_t grp = 0; grp < dg; ++grp) {
+        for (int64_t k = 0; k < L.K; ++k) {
+          const T m = tap_corners(offset, mask, L, b, grp, k, pos, c);
+          Tap<T>& t = taps[(j * dg + grp) * L.K + k];
+          for (int n = 0; n < 4; ++n) {
+            t.idx[n] = c.idx[n];
+            t.w[n] = c.w[n] * m;
+          }
         }
       }
     }
   });
-  return table;
-}
-
-// Positions are processed in chunks small enough that a chunk's taps stay in L1 while every channel
-// of the group reads them; a channel's input lines are reused across the kernel taps.
-constexpr int64_t kPositionChunk = 64;
-
-template <typename T>
-void im2col_cpu_impl(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask, const ConvGeometry& g,
-                     const ColumnBlock& blk, at::Tensor& columns) {
-  const auto table = build_taps(offset.data_ptr<T>(), mask.data_ptr<T>(), g, blk);
-  const int64_t K = g.kernel_h * g.kernel_w, cols = blk.nb * blk.np;
-  const int64_t plane = g.height * g.width, group_channels = g.channels / g.deformable_groups;
-  const int64_t chunks = (blk.np + kPositionChunk - 1) / kPositionChunk;  // per image
-  const T* in = input.data_ptr<T>();
-  T* col = columns.data_ptr<T>();
-  // one task per (deformable group, image, chunk of positions): tasks write disjoint column ranges
-  at::parallel_for(0, g.deformable_groups * blk.nb * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t grp = unit / (blk.nb * chunks), bl = (unit / chunks) % blk.nb;
-      const int64_t t0 = (unit % chunks) * kPositionChunk, n = std::min(kPositionChunk, blk.np - t0);
-      const int64_t j0 = bl * blk.np + t0;
-      for (int64_t c = grp * group_channels; c < (grp + 1) * group_channels; ++c) {
-        const T* src = in + ((blk.b0 + bl) * g.channels + c) * plane;
-        for (int64_t k = 0; k < K; ++k) {
-          const Tap<T>* taps = table.data() + (grp * K + k) * cols + j0;
-          T* dst = col + (c * K + k) * cols + j0;
-          for (int64_t t = 0; t < n; ++t) {
-            const Tap<T>& tap = taps[t];
-            dst[t] = tap.w[0] * src[tap.idx[0]] + tap.w[1] * src[tap.idx[1]] + tap.w[2] * src[tap.idx[2]] +
-                tap.w[3] * src[tap.idx[3]];
+  // Slices of the channel runs, at least two per thread where the channels allow; multiples of 16
+  // channels keep the loops vectorised.
+  struct Slice {
+    const Run* run;
+    int64_t c0, len;
+  };
+  std::vector<Slice> slices;
+  const int64_t want = std::max<int64_t>(1, 2 * at::get_num_threads() / int64_t(L.runs.size()));
+  for (const Run& run : L.runs) {
+    const int64_t step = std::max<int64_t>(16, (run.len / want + 15) / 16 * 16);
+    for (int64_t c = run.c0; c < run.c0 + run.len; c += step) {
+      slices.push_back({&run, c, std::min(step, run.c0 + run.len - c)});
+    }
+  }
+  at::parallel_for(0, int64_t(slices.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const Slice& sl = slices[s];
+      const Run& run = *sl.run;
+      for (int64_t j = 0; j < cols; ++j) {
+        T* img = grad_x + (blk.b0 + j / blk.np) * L.plane * L.C + sl.c0;
+        const Tap<T>* tap = taps.data() + (j * dg + run.dgrp) * L.K;
+        const T* src_row = grad_columns + j * L.row + (sl.c0 - run.c0);
+        for (int64_t k = 0; k < L.K; ++k) {
+          const T* src = src_row + L.column_offset(run, k);
+          for (int n = 0; n < 4; ++n) {
+            axpy(img + tap[k].idx[n] * L.C, src, tap[k].w[n], sl.len);
           }
         }
       }
@@ -86,97 +200,139 @@ void im2col_cpu_impl(const at::Tensor& input, const at::Tensor& offset, const at
   });
 }
 
+// grad_offset, grad_mask at the block's positions, from grad_columns (cols, row) and x (N, H, W, C)
 template <typename T>
-void col2im_cpu_impl(const at::Tensor& grad_columns, const at::Tensor& offset, const at::Tensor& mask,
-                     const ConvGeometry& g, const ColumnBlock& blk, at::Tensor& grad_input) {
-  const auto table = build_taps(offset.data_ptr<T>(), mask.data_ptr<T>(), g, blk);
-  const int64_t K = g.kernel_h * g.kernel_w, cols = blk.nb * blk.np;
-  const int64_t plane = g.height * g.width, group_channels = g.channels / g.deformable_groups;
-  const T* gcol = grad_columns.data_ptr<T>();
-  T* gin = grad_input.data_ptr<T>();
-  // Tasks own disjoint channel ranges inside one deformable group (each channel owns its gradient
-  // planes: no atomics, deterministic).
-  const int64_t per_group = std::max<int64_t>(
-      1, std::min<int64_t>(group_channels, 2 * at::get_num_threads() / g.deformable_groups));
-  at::parallel_for(0, g.deformable_groups * per_group, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t grp = unit / per_group, part = unit % per_group;
-      const int64_t c0 = grp * group_channels + group_channels * part / per_group;
-      const int64_t c1 = grp * group_channels + group_channels * (part + 1) / per_group;
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t bl = 0; bl < blk.nb; ++bl) {
-          T* dst = gin + ((blk.b0 + bl) * g.channels + c) * plane;
-          for (int64_t k = 0; k < K; ++k) {
-            const Tap<T>* taps = table.data() + (grp * K + k) * cols + bl * blk.np;
-            const T* src = gcol + (c * K + k) * cols + bl * blk.np;
-            for (int64_t t = 0; t < blk.np; ++t) {
-              const Tap<T>& tap = taps[t];
-              const T v = src[t];
-              dst[tap.idx[0]] += tap.w[0] * v;
-              dst[tap.idx[1]] += tap.w[1] * v;
-              dst[tap.idx[2]] += tap.w[2] * v;
-              dst[tap.idx[3]] += tap.w[3] * v;
-            }
+void col2im_coord(const T* grad_columns, const T* x, const T* offset, const T* mask, const Layout& L,
+                  const ColumnBlock& blk, T* grad_offset, T* grad_mask) {
+  const int64_t cols = blk.nb * blk.np;
+  at::parallel_for(0, cols, 16, [&](int64_t begin, int64_t end) {
+    Corners<T> c;
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t b = blk.b0 + j / blk.np, pos = blk.p0 + j % blk.np;
+      const T* img = x + b * L.plane * L.C;
+      const T* src_row = grad_columns + j * L.row;
+      for (int64_t grp = 0; grp < L.g.deformable_groups; ++grp) {
+        for (int64_t k = 0; k < L.K; ++k) {
+          const T m = tap_corners(offset, mask, L, b, grp, k, pos, c);
+          T d[4] = {T(0), T(0), T(0), T(0)};  // d[n] = sum_c grad_column[c] * x(corner n)[c]
+          for (int64_t r = L.group_first[grp]; r < L.group_first[grp + 1]; ++r) {
+            const Run& run = L.runs[r];
+            const T* src = img + run.c0;
+            dot4(src_row + L.column_offset(run, k), src + c.idx[0] * L.C, src + c.idx[1] * L.C,
+                 src + c.idx[2] * L.C, src + c.idx[3] * L.C, run.len, d);
           }
+          T gm = T(0), gy = T(0), gx = T(0);
+          for (int n = 0; n < 4; ++n) {
+            gm += c.w[n] * d[n];
+            gy += c.wy[n] * d[n];
+            gx += c.wx[n] * d[n];
+          }
+          const int64_t base = (b * L.g.deformable_groups + grp) * L.K + k;
+          grad_offset[2 * base * L.hw + pos] = gy * m;
+          grad_offset[(2 * base + 1) * L.hw + pos] = gx * m;
+          grad_mask[base * L.hw + pos] = gm;
         }
       }
     }
   });
 }
 
+// weight (C_out, C/groups, kh, kw) as (groups, C_out/groups, kh*kw*C/groups) rows in column order
+at::Tensor weight_rows(const at::Tensor& weight, const Layout& L) {
+  const ConvGeometry& g = L.g;
+  return weight.reshape({g.groups, g.out_channels / g.groups, L.cg, L.K})
+      .permute({0, 1, 3, 2})
+      .contiguous()
+      .view({g.groups, g.out_channels / g.groups, L.K * L.cg});
+}
+
+// The block's (C_out/groups, columns) slice of a (N, C_out, Ho, Wo) tensor for conv group grp: a view
+// when the block lies in one image, a copy otherwise.
+at::Tensor block_of(const at::Tensor& t, const Layout& L, const ColumnBlock& blk, int64_t grp) {
+  const ConvGeometry& g = L.g;
+  const int64_t og = g.out_channels / g.groups;
+  if (blk.nb == 1) {
+    return t[blk.b0].view({g.groups, og, L.hw})[grp].narrow(1, blk.p0, blk.np);
+  }
+  return t.narrow(0, blk.b0, blk.nb)
+      .view({blk.nb, g.groups, og, L.hw})
+      .select(1, grp)
+      .permute({1, 0, 2})
+      .reshape({og, blk.nb * L.hw});
+}
+
+int64_t max_columns(const std::vector<ColumnBlock>& blocks) {
+  int64_t m = 0;
+  for (const ColumnBlock& blk : blocks) {
+    m = std::max(m, blk.nb * blk.np);
+  }
+  return m;
+}
+
+bool has_work(const ConvGeometry& g) {
+  return g.batch > 0 && g.channels > 0 && g.out_channels > 0;
+}
+
 template <typename T>
-void col2im_coord_cpu_impl(const at::Tensor& grad_columns, const at::Tensor& input, const at::Tensor& offset,
-                           const at::Tensor& mask, const ConvGeometry& g, const ColumnBlock& blk,
-                           at::Tensor& grad_offset, at::Tensor& grad_mask) {
-  const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = blk.nb * blk.np;
-  const int64_t plane = g.height * g.width, group_channels = g.channels / g.deformable_groups;
-  const int64_t chunks = (blk.np + kPositionChunk - 1) / kPositionChunk;  // per image
-  const T* in = input.data_ptr<T>();
-  const T* off = offset.data_ptr<T>();
-  const T* msk = mask.data_ptr<T>();
-  const T* gcol = grad_columns.data_ptr<T>();
-  T* goff = grad_offset.data_ptr<T>();
-  T* gmask = grad_mask.data_ptr<T>();
-  // one task per (group, tap, image, chunk of positions), summing over the group's channels
-  at::parallel_for(0, g.deformable_groups * K * blk.nb * chunks, 1, [&](int64_t begin, int64_t end) {
-    Corners<T> corners[kPositionChunk];
-    T gy[kPositionChunk], gx[kPositionChunk], gm[kPositionChunk];
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t chunk = unit % chunks, bl = (unit / chunks) % blk.nb, gk = unit / (chunks * blk.nb);
-      const int64_t k = gk % K, grp = gk / K, b = blk.b0 + bl;
-      const int64_t i = k / g.kernel_w, j = k % g.kernel_w;
-      const int64_t t0 = chunk * kPositionChunk, n = std::min(kPositionChunk, blk.np - t0);
-      const int64_t j0 = bl * blk.np + t0, p0 = blk.p0 + t0;
-      const T* off_y = off + ((b * g.deformable_groups + grp) * 2 * K + 2 * k) * HW + p0;
-      const T* off_x = off_y + HW;
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t pos = p0 + t;
-        dcn_sample(conv_tap_y(g, pos / g.out_w, i, off_y[t]), conv_tap_x(g, pos % g.out_w, j, off_x[t]),
-                   int(g.height), int(g.width), corners[t]);
-        gy[t] = gx[t] = gm[t] = T(0);
-      }
-      for (int64_t c = grp * group_channels; c < (grp + 1) * group_channels; ++c) {
-        const T* src = in + (b * g.channels + c) * plane;
-        const T* src_col = gcol + (c * K + k) * cols + j0;
-        for (int64_t t = 0; t < n; ++t) {
-          const Corners<T>& cr = corners[t];
-          const T v[4] = {src[cr.idx[0]], src[cr.idx[1]], src[cr.idx[2]], src[cr.idx[3]]};
-          const T gc = src_col[t];
-          gm[t] += gc * (cr.w[0] * v[0] + cr.w[1] * v[1] + cr.w[2] * v[2] + cr.w[3] * v[3]);
-          gy[t] += gc * (cr.wy[0] * v[0] + cr.wy[1] * v[1] + cr.wy[2] * v[2] + cr.wy[3] * v[3]);
-          gx[t] += gc * (cr.wx[0] * v[0] + cr.wx[1] * v[1] + cr.wx[2] * v[2] + cr.wx[3] * v[3]);
-        }
-      }
-      T* goff_y = goff + ((b * g.deformable_groups + grp) * 2 * K + 2 * k) * HW + p0;
-      T* goff_x = goff_y + HW;
-      const int64_t om = ((b * g.deformable_groups + grp) * K + k) * HW + p0;
-      for (int64_t t = 0; t < n; ++t) {
-        goff_y[t] = gy[t] * msk[om + t];
-        goff_x[t] = gx[t] * msk[om + t];
-        gmask[om + t] = gm[t];
+void forward_impl(const Layout& L, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
+                  const at::Tensor& weight, at::Tensor& output) {
+  const ConvGeometry& g = L.g;
+  const at::Tensor x = input.permute({0, 2, 3, 1}).contiguous();  // (N, H, W, C)
+  const at::Tensor rows = weight_rows(weight, L);
+  const int64_t kcg = L.K * L.cg;
+  const auto blocks = mdconv_column_blocks(g, /*cuda=*/false);
+  at::Tensor buffer = at::empty({max_columns(blocks) * L.row}, input.options());
+  for (const ColumnBlock& blk : blocks) {
+    const int64_t cols = blk.nb * blk.np;
+    at::Tensor columns = buffer.narrow(0, 0, cols * L.row).view({cols, L.row});
+    im2col(x.data_ptr<T>(), offset.data_ptr<T>(), mask.data_ptr<T>(), L, blk, columns.data_ptr<T>());
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      const at::Tensor cols_t = columns.narrow(1, grp * kcg, kcg).t();  // (kh*kw*C/groups, cols)
+      if (blk.nb == 1) {
+        at::Tensor out = block_of(output, L, blk, grp);
+        at::mm_out(out, rows[grp], cols_t);
+      } else {
+        output.narrow(0, blk.b0, blk.nb)
+            .view({blk.nb, g.groups, g.out_channels / g.groups, L.hw})
+            .select(1, grp)
+            .copy_(at::mm(rows[grp], cols_t).view({g.out_channels / g.groups, blk.nb, L.hw}).permute({1, 0, 2}));
       }
     }
-  });
+  }
+}
+
+template <typename T>
+void backward_impl(const Layout& L, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+                   const at::Tensor& mask, const at::Tensor& weight, at::Tensor& grad_x, at::Tensor& grad_offset,
+                   at::Tensor& grad_mask, at::Tensor& grad_rows) {
+  const ConvGeometry& g = L.g;
+  const at::Tensor x = input.permute({0, 2, 3, 1}).contiguous();  // (N, H, W, C)
+  const at::Tensor rows = weight_rows(weight, L);
+  const int64_t kcg = L.K * L.cg;
+  const auto blocks = mdconv_column_blocks(g, /*cuda=*/false);
+  const int64_t max_numel = max_columns(blocks) * L.row;
+  at::Tensor col_buffer = at::empty({max_numel}, input.options());
+  at::Tensor grad_col_buffer = at::empty({max_numel}, input.options());
+  const T *xp = x.data_ptr<T>(), *op = offset.data_ptr<T>(), *mp = mask.data_ptr<T>();
+  for (const ColumnBlock& blk : blocks) {
+    const int64_t cols = blk.nb * blk.np;
+    std::vector<at::Tensor> grad_out(g.groups);
+    at::Tensor grad_columns = grad_col_buffer.narrow(0, 0, cols * L.row).view({cols, L.row});
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      grad_out[grp] = block_of(grad_output, L, blk, grp);  // (C_out/groups, cols)
+      at::Tensor part = grad_columns.narrow(1, grp * kcg, kcg);
+      at::mm_out(part, grad_out[grp].t(), rows[grp]);
+    }
+    const T* gcol = grad_columns.data_ptr<T>();
+    col2im(gcol, op, mp, L, blk, grad_x.data_ptr<T>());
+    col2im_coord(gcol, xp, op, mp, L, blk, grad_offset.data_ptr<T>(), grad_mask.data_ptr<T>());
+
+    at::Tensor columns = col_buffer.narrow(0, 0, cols * L.row).view({cols, L.row});
+    im2col(xp, op, mp, L, blk, columns.data_ptr<T>());
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      grad_rows[grp].addmm_(grad_out[grp], columns.narrow(1, grp * kcg, kcg));
+    }
+  }
 }
 
 void check_cpu_dtype(const at::Tensor& input) {
@@ -185,44 +341,54 @@ void check_cpu_dtype(const at::Tensor& input) {
               " (run reduced precision under torch.autocast, which computes this op in float32)");
 }
 
-void im2col_cpu(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask, const ConvGeometry& g,
-                const ColumnBlock& blk, at::Tensor& columns) {
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnv2_im2col_cpu",
-                             [&] { im2col_cpu_impl<scalar_t>(input, offset, mask, g, blk, columns); });
-}
-
-void col2im_cpu(const at::Tensor& grad_columns, const at::Tensor& offset, const at::Tensor& mask,
-                const ConvGeometry& g, const ColumnBlock& blk, at::Tensor& grad_input) {
-  AT_DISPATCH_FLOATING_TYPES(grad_columns.scalar_type(), "dcnv2_col2im_cpu",
-                             [&] { col2im_cpu_impl<scalar_t>(grad_columns, offset, mask, g, blk, grad_input); });
-}
-
-void col2im_coord_cpu(const at::Tensor& grad_columns, const at::Tensor& input, const at::Tensor& offset,
-                      const at::Tensor& mask, const ConvGeometry& g, const ColumnBlock& blk, at::Tensor& grad_offset,
-                      at::Tensor& grad_mask) {
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnv2_col2im_coord_cpu", [&] {
-    col2im_coord_cpu_impl<scalar_t>(grad_columns, input, offset, mask, g, blk, grad_offset, grad_mask);
-  });
-}
-
-constexpr MDConvPrimitives kCpuPrimitives{im2col_cpu, col2im_cpu, col2im_coord_cpu};
-
-at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset_, const at::Tensor& mask_,
                        const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h,
                        int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups,
                        int64_t deformable_groups) {
   check_cpu_dtype(input);
-  return mdconv_forward(kCpuPrimitives, input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h,
-                        dil_w, groups, deformable_groups);
+  const ConvGeometry g = mdconv_geometry(input, offset_, mask_, weight, bias, stride_h, stride_w, pad_h, pad_w,
+                                         dil_h, dil_w, groups, deformable_groups);
+  at::Tensor output = at::zeros({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
+  if (has_work(g)) {
+    const Layout L(g);
+    const at::Tensor offset = offset_.contiguous(), mask = mask_.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnv2_mdconv_forward_cpu",
+                               [&] { forward_impl<scalar_t>(L, input, offset, mask, weight, output); });
+  }
+  if (bias.has_value() && g.out_channels > 0) {
+    output.add_(bias->view({1, g.out_channels, 1, 1}));
+  }
+  return output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
-    const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w, int64_t pad_h,
-    int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups, int64_t deformable_groups) {
+    const at::Tensor& grad_output_, const at::Tensor& input, const at::Tensor& offset_, const at::Tensor& mask_,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups, int64_t deformable_groups) {
   check_cpu_dtype(input);
-  return mdconv_backward(kCpuPrimitives, grad_output, input, offset, mask, weight, bias, stride_h, stride_w, pad_h,
-                         pad_w, dil_h, dil_w, groups, deformable_groups);
+  const ConvGeometry g = mdconv_geometry(input, offset_, mask_, weight, bias, stride_h, stride_w, pad_h, pad_w,
+                                         dil_h, dil_w, groups, deformable_groups);
+  check_grad_output(grad_output_, input, g);
+  const at::Tensor offset = offset_.contiguous(), mask = mask_.contiguous();
+  const at::Tensor grad_output = grad_output_.contiguous();
+  const Layout L(g);
+  at::Tensor grad_x = at::zeros({g.batch, g.height, g.width, g.channels}, input.options());
+  at::Tensor grad_offset = at::zeros_like(offset);
+  at::Tensor grad_mask = at::zeros_like(mask);
+  at::Tensor grad_rows = at::zeros({g.groups, g.out_channels / g.groups, L.K * L.cg}, input.options());
+  if (has_work(g)) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnv2_mdconv_backward_cpu", [&] {
+      backward_impl<scalar_t>(L, grad_output, input, offset, mask, weight, grad_x, grad_offset, grad_mask,
+                              grad_rows);
+    });
+  }
+  at::Tensor grad_weight = grad_rows.view({g.groups, g.out_channels / g.groups, L.K, L.cg})
+                               .permute({0, 1, 3, 2})
+                               .reshape(weight.sizes())
+                               .contiguous();
+  at::Tensor grad_bias =
+      bias.has_value() ? grad_output.sum({0, 2, 3}) : at::empty({0}, input.options());
+  return {grad_x.permute({0, 3, 1, 2}).contiguous(), grad_offset, grad_mask, grad_weight, grad_bias};
 }
 
 }  // namespace
