@@ -15,11 +15,13 @@ import torch.distributed as dist
 
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
+from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 
 from projects_dcnv2 import add_dcnv2_config
 from projects_dcnv2.data import check_datasets_on_disk
+from projects_dcnv2.data.checks import CheckedMapper
 from projects_dcnv2.checkpoint import DCNv2Checkpointer  # also loads MMDetection / torchvision weights
 
 
@@ -52,6 +54,13 @@ class Trainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:  # absent from checkpoints of the releases above
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # Detectron2's mapper; a bad record raises an error naming its image file.
+        num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        mapper = CheckedMapper(DatasetMapper(cfg, True), num_classes=num_classes)
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

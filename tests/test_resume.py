@@ -49,7 +49,7 @@ def _assert_holds(path, model, optimizer):
 
 @pytest.mark.parametrize("name", ["model_0000001", "model_final"], ids=["new_name", "overwrite"])
 def test_fault_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, name):
-    """"overwrite" is the dangerous case for a plain in-place write: the file being replaced is the
+    """The "overwrite" case is the dangerous one for an in-place write: the file replaced is the
     one ``last_checkpoint`` names (a resumed run saving ``model_final`` again)."""
     model, optimizer = _model_and_optimizer(0)
     checkpointer = DCNv2Checkpointer(model, str(tmp_path), optimizer=optimizer)
@@ -110,7 +110,9 @@ def test_fault_while_tagging_keeps_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "last_checkpoint", "model_0000001.pth", "model_0000003.pth"
+        "last_checkpoint",
+        "model_0000001.pth",
+        "model_0000003.pth",
     ]
     _assert_holds(tmp_path / "model_0000001.pth", model, optimizer)
     _assert_holds(tmp_path / "model_0000003.pth", model, optimizer)
