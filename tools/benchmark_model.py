@@ -5,8 +5,9 @@ twins, random weights, same image, same machine, one run.
     python tools/benchmark_model.py [--pairs faster_rcnn_R50_FPN:faster_rcnn_R50_FPN_mdconv,...]
                                     [--size 800x1216] [--repeat 5] [--device cpu] [--json out.json]
 
-Each config runs in its own subprocess so that peak memory (max RSS on CPU, max allocated on CUDA) is
-its own. Prints medians and the DCNv2 / plain ratio.
+Timing: the two models of a pair live in one subprocess and run alternately, so that load on a shared
+machine hits both; the ratio is the median of the per-round DCNv2 / plain ratios. Peak memory (max
+RSS on CPU, max allocated on CUDA) comes from one warm inference per config in a subprocess of its own.
 """
 import argparse
 import json
@@ -24,9 +25,7 @@ DEFAULT_PAIRS = (
 )
 
 
-def _worker(config, size, repeat, device):
-    import resource
-
+def _build(config, device):
     import torch
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -38,27 +37,78 @@ def _worker(config, size, repeat, device):
     cfg.merge_from_file(os.path.join(ROOT, "configs", config + ".yaml"))
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
-    model = build_model(cfg).eval()
+    # Random weights can drive activations into the denormal range, where x86 float math is many
+    # times slower depending on the values, not on the model: flush them to zero.
+    torch.set_flush_denormal(True)
+    return build_model(cfg).eval()
+
+
+def _inputs(size, device):
+    import torch
+
     h, w = size
     g = torch.Generator().manual_seed(0)
     image = (torch.rand(3, h, w, generator=g) * 255).to(device)
-    inputs = [{"image": image, "height": h, "width": w}]
-    times = []
-    with torch.no_grad():
-        for i in range(repeat + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(inputs)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i > 0:  # the first run warms up
-                times.append(time.perf_counter() - start)
+    return [{"image": image, "height": h, "width": w}]
+
+
+def _run_once(model, inputs, device):
+    import torch
+
     if device == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"config": config, "median_s": statistics.median(times), "peak_mb": peak_mb}
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _time_pair(plain, dcn, size, repeat, device):
+    """Both models in one process, run alternately (plain, DCNv2, plain, ...): a load change on a shared
+    machine hits both, and each round gives one DCNv2 / plain ratio."""
+    models = [_build(plain, device), _build(dcn, device)]
+    # Same weights wherever the two share a parameter (the offset convs keep their zero init), so that
+    # both see the same proposals and detections.
+    dcn_state = models[1].state_dict()
+    shared = {k: v for k, v in models[0].state_dict().items() if k in dcn_state and dcn_state[k].shape == v.shape}
+    models[1].load_state_dict(shared, strict=False)
+    inputs = _inputs(size, device)
+    for model in models:  # warm-up
+        _run_once(model, inputs, device)
+    times = [[], []]
+    for _ in range(repeat):
+        for model, ts in zip(models, times):
+            ts.append(_run_once(model, inputs, device))
+    return {
+        "plain_median_s": statistics.median(times[0]),
+        "dcnv2_median_s": statistics.median(times[1]),
+        "ratio": statistics.median(b / a for a, b in zip(*times)),
+    }
+
+
+def _peak_memory(config, size, device):
+    """Peak memory of one warm inference, in a process of its own (max RSS on CPU, max allocated on CUDA)."""
+    import resource
+
+    import torch
+
+    model = _build(config, device)
+    inputs = _inputs(size, device)
+    _run_once(model, inputs, device)
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _subprocess(args, *worker):
+    out = subprocess.run(
+        [sys.executable, __file__, *worker, "--size", args.size, "--repeat", str(args.repeat), "--device",
+         args.device],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -68,39 +118,42 @@ def main():
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--time-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
-    if args.worker:
-        print(json.dumps(_worker(args.worker, size, args.repeat, args.device)))
+    if args.time_worker:
+        print(json.dumps(_time_pair(*args.time_worker.split(":"), size, args.repeat, args.device)))
+        return
+    if args.memory_worker:
+        print(json.dumps(_peak_memory(args.memory_worker, size, args.device)))
         return
 
     import torch
 
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# {machine}; image {args.size}; median of {args.repeat} after one warm-up; random weights")
-    print("| plain | DCNv2 | plain s/img | DCNv2 s/img | ratio | plain peak MB | DCNv2 peak MB |")
+    print(f"# {machine}; image {args.size}; {args.repeat} alternating rounds after one warm-up; random weights")
+    print("| plain | DCNv2 | plain s/img | DCNv2 s/img | ratio (median of rounds) | plain peak MB | DCNv2 peak MB |")
     print("|---|---|---|---|---|---|---|")
     rows = []
-    cache = {}
+    peak = {}
     for pair in args.pairs.split(","):
         plain, dcn = pair.split(":")
         for config in (plain, dcn):
-            if config not in cache:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--worker", config, "--size", args.size, "--repeat", str(args.repeat),
-                     "--device", args.device],
-                    check=True, capture_output=True, text=True,
-                )
-                cache[config] = json.loads(out.stdout.strip().splitlines()[-1])
-        a, b = cache[plain], cache[dcn]
-        row = {"plain": a, "dcnv2": b, "ratio": b["median_s"] / a["median_s"]}
+            if config not in peak:
+                peak[config] = _subprocess(args, "--memory-worker", config)
+        t = _subprocess(args, "--time-worker", pair)
+        row = {
+            "plain": {"config": plain, "median_s": t["plain_median_s"], "peak_mb": peak[plain]},
+            "dcnv2": {"config": dcn, "median_s": t["dcnv2_median_s"], "peak_mb": peak[dcn]},
+            "ratio": t["ratio"],
+        }
         rows.append(row)
-        print(f"| {plain} | {dcn} | {a['median_s']:.2f} | {b['median_s']:.2f} | {row['ratio']:.2f}x "
-              f"| {a['peak_mb']:.0f} | {b['peak_mb']:.0f} |", flush=True)
+        print(f"| {plain} | {dcn} | {t['plain_median_s']:.2f} | {t['dcnv2_median_s']:.2f} | {t['ratio']:.2f}x "
+              f"| {peak[plain]:.0f} | {peak[dcn]:.0f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "size": args.size, "rows": rows}, f, indent=1)
+            json.dump({"machine": machine, "size": args.size, "repeat": args.repeat, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
