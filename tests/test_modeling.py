@@ -188,6 +188,21 @@ def test_mdpool_pooler_handles_zero_boxes():
     assert pooler([f[:0] for f in x], []).shape == (0, 4, 7, 7)  # no image at all
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_mdpool_pooler_pools_float64_as_is_and_half_in_float32(dtype):
+    """Half precision features are pooled in float32 (MMDetection's force_fp32); a float64 model
+    stays float64 end to end (its fcs are float64 too)."""
+    pooler, x = _small_pooler(), _pyramid()
+    boxes = [Boxes(torch.tensor([[10.0, 10, 50, 50]])), Boxes(torch.tensor([[0.0, 0, 150, 150]]))]
+    reference = pooler(x, boxes)
+    if dtype == torch.float64:
+        pooler.double()
+    out = pooler([f.to(dtype) for f in x], [Boxes(b.tensor.to(dtype)) for b in boxes])
+    assert out.dtype == dtype
+    tol = 1e-6 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(out.float(), reference, rtol=tol, atol=tol)
+
+
 # ------------------------------------------------------------------ training and inference
 def _batch(mask_on, size=128):
     torch.manual_seed(1)

@@ -108,8 +108,10 @@ class MDPoolROIPooler(nn.Module):
         for level, (features, pooler) in enumerate(zip(x, self.level_poolers)):
             inds = nonzero_tuple(level_of_roi == level)[0]
             # Every level runs, even with no RoI, so all parameters join the graph (DDP).
-            # Like MMDetection's force_fp32 RoI extractor, pool in fp32 under autocast.
+            # Like MMDetection's force_fp32 RoI extractor, pool in fp32 under autocast (half
+            # precision is upcast; float64 models stay float64).
+            dtype = torch.promote_types(features.dtype, torch.float32)
             with torch.autocast(device_type=features.device.type, enabled=False):
-                pooled = pooler(features.float(), rois[inds].float())
+                pooled = pooler(features.to(dtype), rois[inds].to(dtype))
             output[inds] = pooled.to(output.dtype)
         return output
