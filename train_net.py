@@ -15,14 +15,13 @@ import torch.distributed as dist
 
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
-from detectron2.data import DatasetMapper, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 
 from projects_dcnv2 import add_dcnv2_config
-from projects_dcnv2.data import check_datasets_on_disk
-from projects_dcnv2.data.checks import CheckedMapper
 from projects_dcnv2.checkpoint import DCNv2Checkpointer  # also loads MMDetection / torchvision weights
+from projects_dcnv2.data import check_datasets_on_disk
+from projects_dcnv2.engine import DCNv2Trainer
 
 
 def _has_detectron2_extension():
@@ -33,34 +32,8 @@ def _has_detectron2_extension():
     return True
 
 
-class Trainer(DefaultTrainer):
-    """Detectron2's ``DefaultTrainer`` with a COCO evaluator and ``DCNv2Checkpointer``."""
-
-    def build_hooks(self):
-        # DefaultTrainer.__init__ creates its checkpointer just before the hooks: swap it here so
-        # the PeriodicCheckpointer hook saves through DCNv2Checkpointer too (atomic writes).
-        self.checkpointer = DCNv2Checkpointer.from_checkpointer(self.checkpointer)
-        return super().build_hooks()
-
-    # Detectron2 releases without DefaultTrainer.state_dict (the PyPI 0.6 build) checkpoint only
-    # the iteration and the LR scheduler: `--resume` then restarts the optimizer's momentum. Save
-    # and restore the inner trainer (optimizer, AMP grad scaler) as newer Detectron2 does.
-    def state_dict(self):
-        ret = super().state_dict()
-        ret["_trainer"] = self._trainer.state_dict()
-        return ret
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        if "_trainer" in state_dict:  # absent from checkpoints of the releases above
-            self._trainer.load_state_dict(state_dict["_trainer"])
-
-    @classmethod
-    def build_train_loader(cls, cfg):
-        # Detectron2's mapper; a bad record raises an error naming its image file.
-        num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-        mapper = CheckedMapper(DatasetMapper(cfg, True), num_classes=num_classes)
-        return build_detection_train_loader(cfg, mapper=mapper)
+class Trainer(DCNv2Trainer):
+    """``DCNv2Trainer`` (atomic checkpoints with optimizer state, checked data) + a COCO evaluator."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
