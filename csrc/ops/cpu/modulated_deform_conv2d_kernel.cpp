@@ -114,29 +114,38 @@ inline void dot4(const T* __restrict g, const T* __restrict s0, const T* __restr
   }
 }
 
-// columns (cols, row) <- mask * bilinear(x) for the block; x is (N, H, W, C)
-template <typename T>
-void im2col(const T* x, const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk, T* columns) {
-  const int64_t cols = blk.nb * blk.np;
-  at::parallel_for(0, cols, 16, [&](int64_t begin, int64_t end) {
+// Calls fn(j, b, pos, grp, k, corners, mask value) for every (column j, deformable group, tap) of the
+// block; columns are split across threads, so fn may write anything owned by column j.
+template <typename T, typename Fn>
+void for_each_tap(const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk, const Fn& fn) {
+  at::parallel_for(0, blk.nb * blk.np, 16, [&](int64_t begin, int64_t end) {
     Corners<T> c;
     for (int64_t j = begin; j < end; ++j) {
       const int64_t b = blk.b0 + j / blk.np, pos = blk.p0 + j % blk.np;
-      const T* img = x + b * L.plane * L.C;
-      T* dst = columns + j * L.row;
       for (int64_t grp = 0; grp < L.g.deformable_groups; ++grp) {
         for (int64_t k = 0; k < L.K; ++k) {
           const T m = tap_corners(offset, mask, L, b, grp, k, pos, c);
-          for (int64_t r = L.group_first[grp]; r < L.group_first[grp + 1]; ++r) {
-            const Run& run = L.runs[r];
-            const T* src = img + run.c0;
-            blend4(dst + L.column_offset(run, k), src + c.idx[0] * L.C, src + c.idx[1] * L.C, src + c.idx[2] * L.C,
-                   src + c.idx[3] * L.C, c.w[0] * m, c.w[1] * m, c.w[2] * m, c.w[3] * m, run.len);
-          }
+          fn(j, b, pos, grp, k, c, m);
         }
       }
     }
   });
+}
+
+// columns (cols, row) <- mask * bilinear(x) for the block; x is (N, H, W, C)
+template <typename T>
+void im2col(const T* x, const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk, T* columns) {
+  for_each_tap(offset, mask, L, blk,
+               [&](int64_t j, int64_t b, int64_t, int64_t grp, int64_t k, const Corners<T>& c, T m) {
+                 const T* img = x + b * L.plane * L.C;
+                 for (int64_t r = L.group_first[grp]; r < L.group_first[grp + 1]; ++r) {
+                   const Run& run = L.runs[r];
+                   const T* src = img + run.c0;
+                   blend4(columns + j * L.row + L.column_offset(run, k), src + c.idx[0] * L.C,
+                          src + c.idx[1] * L.C, src + c.idx[2] * L.C, src + c.idx[3] * L.C, c.w[0] * m, c.w[1] * m,
+                          c.w[2] * m, c.w[3] * m, run.len);
+                 }
+               });
 }
 
 template <typename T>
@@ -151,22 +160,14 @@ void col2im(const T* grad_columns, const T* offset, const T* mask, const Layout&
             T* grad_x) {
   const int64_t cols = blk.nb * blk.np, dg = L.g.deformable_groups;
   std::vector<Tap<T>> taps(cols * dg * L.K);  // [column][group][tap]
-  at::parallel_for(0, cols, 16, [&](int64_t begin, int64_t end) {
-    Corners<T> c;
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t b = blk.b0 + j / blk.np, pos = blk.p0 + j % blk.np;
-      for (int64_t grp = 0; grp < dg; ++grp) {
-        for (int64_t k = 0; k < L.K; ++k) {
-          const T m = tap_corners(offset, mask, L, b, grp, k, pos, c);
-          Tap<T>& t = taps[(j * dg + grp) * L.K + k];
-          for (int n = 0; n < 4; ++n) {
-            t.idx[n] = c.idx[n];
-            t.w[n] = c.w[n] * m;
-          }
-        }
-      }
-    }
-  });
+  for_each_tap(offset, mask, L, blk,
+               [&](int64_t j, int64_t, int64_t, int64_t grp, int64_t k, const Corners<T>& c, T m) {
+                 Tap<T>& t = taps[(j * dg + grp) * L.K + k];
+                 for (int n = 0; n < 4; ++n) {
+                   t.idx[n] = c.idx[n];
+                   t.w[n] = c.w[n] * m;
+                 }
+               });
   // Slices of the channel runs, at least two per thread where the channels allow; multiples of 16
   // channels keep the loops vectorised.
   struct Slice {
@@ -204,37 +205,27 @@ void col2im(const T* grad_columns, const T* offset, const T* mask, const Layout&
 template <typename T>
 void col2im_coord(const T* grad_columns, const T* x, const T* offset, const T* mask, const Layout& L,
                   const ColumnBlock& blk, T* grad_offset, T* grad_mask) {
-  const int64_t cols = blk.nb * blk.np;
-  at::parallel_for(0, cols, 16, [&](int64_t begin, int64_t end) {
-    Corners<T> c;
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t b = blk.b0 + j / blk.np, pos = blk.p0 + j % blk.np;
-      const T* img = x + b * L.plane * L.C;
-      const T* src_row = grad_columns + j * L.row;
-      for (int64_t grp = 0; grp < L.g.deformable_groups; ++grp) {
-        for (int64_t k = 0; k < L.K; ++k) {
-          const T m = tap_corners(offset, mask, L, b, grp, k, pos, c);
-          T d[4] = {T(0), T(0), T(0), T(0)};  // d[n] = sum_c grad_column[c] * x(corner n)[c]
-          for (int64_t r = L.group_first[grp]; r < L.group_first[grp + 1]; ++r) {
-            const Run& run = L.runs[r];
-            const T* src = img + run.c0;
-            dot4(src_row + L.column_offset(run, k), src + c.idx[0] * L.C, src + c.idx[1] * L.C,
-                 src + c.idx[2] * L.C, src + c.idx[3] * L.C, run.len, d);
-          }
-          T gm = T(0), gy = T(0), gx = T(0);
-          for (int n = 0; n < 4; ++n) {
-            gm += c.w[n] * d[n];
-            gy += c.wy[n] * d[n];
-            gx += c.wx[n] * d[n];
-          }
-          const int64_t base = (b * L.g.deformable_groups + grp) * L.K + k;
-          grad_offset[2 * base * L.hw + pos] = gy * m;
-          grad_offset[(2 * base + 1) * L.hw + pos] = gx * m;
-          grad_mask[base * L.hw + pos] = gm;
-        }
-      }
-    }
-  });
+  for_each_tap(offset, mask, L, blk,
+               [&](int64_t j, int64_t b, int64_t pos, int64_t grp, int64_t k, const Corners<T>& c, T m) {
+                 const T* img = x + b * L.plane * L.C;
+                 T d[4] = {T(0), T(0), T(0), T(0)};  // d[n] = sum_c grad_column[c] * x(corner n)[c]
+                 for (int64_t r = L.group_first[grp]; r < L.group_first[grp + 1]; ++r) {
+                   const Run& run = L.runs[r];
+                   const T* src = img + run.c0;
+                   dot4(grad_columns + j * L.row + L.column_offset(run, k), src + c.idx[0] * L.C,
+                        src + c.idx[1] * L.C, src + c.idx[2] * L.C, src + c.idx[3] * L.C, run.len, d);
+                 }
+                 T gm = T(0), gy = T(0), gx = T(0);
+                 for (int n = 0; n < 4; ++n) {
+                   gm += c.w[n] * d[n];
+                   gy += c.wy[n] * d[n];
+                   gx += c.wx[n] * d[n];
+                 }
+                 const int64_t base = (b * L.g.deformable_groups + grp) * L.K + k;
+                 grad_offset[2 * base * L.hw + pos] = gy * m;
+                 grad_offset[(2 * base + 1) * L.hw + pos] = gx * m;
+                 grad_mask[base * L.hw + pos] = gm;
+               });
 }
 
 // weight (C_out, C/groups, kh, kw) as (groups, C_out/groups, kh*kw*C/groups) rows in column order
