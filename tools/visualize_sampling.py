@@ -5,17 +5,18 @@ convolutions and the deformed bins of its mdpool RoI pooling, as in the DCNv2 pa
     python tools/visualize_sampling.py --config-file configs/quick_schedules/mask_rcnn_R50_FPN_mdconv_shapes.yaml \
         --input datasets/dcnv2_shapes/val/000000.png --output vis/ \
         MODEL.WEIGHTS output/quick_mdconv/model_final.pth
-    python tools/visualize_sampling.py ... --positions 40,60 100,20 --layers res5.2,res4.5,res3.3
+    python tools/visualize_sampling.py ... --positions 40,60 100,20 --layers res5
 
 Writes ``sampling_<name>.png`` (mdconv models) and ``mdpool_bins_<name>.png`` (mdpool models).
 
-Effective sampling locations (``--layers``, output side first, default ``res5`` = its three
-blocks, 9^3 = 729 points per unit). A unit of the first listed layer's output map is chosen
-for each ``--positions`` point (nearest unit). Its 3x3 deformable conv samples tap (i, j) at
-``u * stride - pad + (i, j) * dilation + (dy, dx)`` on its input map; every such location is
-then an output location of the next listed layer (1x1 convs and residual paths keep positions;
-skipped layers are crossed by position only), whose offset and mask maps are read there by
-bilinear interpolation (border values beyond the map). A map at stride s (image pixels per
+Effective sampling locations (``--layers``, output side first; default ``last-per-stage``:
+res5.2 <- res4.5 <- res3.3, 9^3 = 729 points per unit; ``res5`` = its three blocks). A unit
+of the first listed layer's output map is chosen for each ``--positions`` point (the nearest).
+Its 3x3 deformable conv samples tap (i, j) at ``u * stride - pad + (i, j) * dilation + (dy, dx)``
+on its input map; every such location is then an output location of the next listed layer
+(1x1 convs and residual paths keep positions; skipped layers are crossed by position only),
+whose offset and mask maps are read there by bilinear interpolation (border values beyond the
+map). A map at stride s (image pixels per
 cell) places cell u on image pixel ``u * s`` (pixel centres at integers), exact for the
 PyTorch-style ResNet (every 3x3 has padding 1, the 7x7 stem padding 3). Each final point is
 coloured by the product of the modulation weights along its path.
@@ -374,8 +375,9 @@ def draw_sampling(image, units_yx, locations, weights, layer_names, path, panel_
         _panel(ax, image, title, view=(lo[1], lo[0], hi[1], hi[0]))
         ax.add_patch(Rectangle((-0.5, -0.5), width, height, fill=False, ec="k", lw=0.8))
         order = np.argsort(w)
-        scatter = ax.scatter(locs[order, 1], locs[order, 0], c=w[order], cmap="autumn_r", vmin=0, vmax=vmax,
-                             s=7, linewidths=0, alpha=0.85)
+        scatter = ax.scatter(locs[order, 1], locs[order, 0], c=w[order], cmap="cool", vmin=0, vmax=vmax,
+                             s=9 if locs.shape[0] <= 729 else 3, edgecolors="k",
+                             linewidths=0.3 if locs.shape[0] <= 729 else 0)
         ax.plot(unit[1], unit[0], marker="*", color="lime", markersize=14, markeredgecolor="k")
     fig.suptitle("effective sampling locations through " + " \u2190 ".join(layer_names), fontsize=10)
     fig.colorbar(scatter, ax=list(axes), fraction=0.03, pad=0.01, label="product of modulation weights")
@@ -463,7 +465,7 @@ def get_parser():
     parser.add_argument("--positions", nargs="*", default=None, metavar="X,Y",
                         help="image positions (original image pixels) of the units to trace "
                              "(default: centres of the top detections and one background point)")
-    parser.add_argument("--layers", default="res5",
+    parser.add_argument("--layers", default="last-per-stage",
                         help="deformable layers to compose, output side first: block names "
                              "(res5.2), stages (res5 = its blocks, last first) or last-per-stage")
     parser.add_argument("--group", type=int, default=0, help="deformable group to draw")
