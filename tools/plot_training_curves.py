@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 DEFAULT_KEYS = ("total_loss", "loss_cls", "loss_box_reg", "loss_mask")
+_TASK_NAMES = {"bbox": "box", "segm": "mask"}
 
 
 def load_metrics(run):
@@ -57,7 +58,7 @@ def plot(runs, labels, keys, output, title=None):
             points = [(r["iteration"] + 1, r[key]) for r in records if key in r]
             if not points:
                 continue
-            scores = ", ".join(f"{task} AP {ap:.1f}" for task, ap in final_ap.items())
+            scores = ", ".join(f"{_TASK_NAMES[task]} AP {ap:.1f}" for task, ap in final_ap.items())
             ax.plot(*zip(*points), marker="o", markersize=3, label=f"{label} ({scores})" if scores else label)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("iteration")
