@@ -43,11 +43,21 @@ def _extension():
     sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, CSRC)]
     cxx_flags = ["-O3"]
+    link_flags = []
+    # at::parallel_for is a header template: without -fopenmp it compiles to a serial loop, and every
+    # CPU kernel would run on one thread. The library resolves to the libgomp torch already loaded.
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     define_macros = []
     if not _want_cuda():
         print("projects_dcnv2: building the CPU kernels only")
         return cpp_extension.CppExtension(
-            "projects_dcnv2._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "projects_dcnv2._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -69,6 +79,7 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 
