@@ -55,19 +55,6 @@ struct Layout {
   }
 };
 
-// Corners of tap k of deformable group grp at output position pos of image b, and its mask value.
-template <typename T>
-inline T tap_corners(const T* offset, const T* mask, const Layout& L, int64_t b, int64_t grp, int64_t k,
-                     int64_t pos, Corners<T>& c) {
-  const ConvGeometry& g = L.g;
-  const int64_t base = (b * g.deformable_groups + grp) * L.K + k;
-  const T* off = offset + 2 * base * L.hw + pos;  // dy plane (b, grp, 2k), then dx
-  const T dy = off[0], dx = off[L.hw];
-  dcn_sample(conv_tap_y(g, pos / g.out_w, k / g.kernel_w, dy), conv_tap_x(g, pos % g.out_w, k % g.kernel_w, dx),
-             int(g.height), int(g.width), c);
-  return mask[base * L.hw + pos];
-}
-
 // dst[c] = sum_n w[n] * src_n[c]
 template <typename T>
 inline void blend4(T* __restrict dst, const T* __restrict s0, const T* __restrict s1, const T* __restrict s2,
@@ -118,14 +105,22 @@ inline void dot4(const T* __restrict g, const T* __restrict s0, const T* __restr
 // block; columns are split across threads, so fn may write anything owned by column j.
 template <typename T, typename Fn>
 void for_each_tap(const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk, const Fn& fn) {
+  const ConvGeometry& g = L.g;
   at::parallel_for(0, blk.nb * blk.np, 16, [&](int64_t begin, int64_t end) {
     Corners<T> c;
     for (int64_t j = begin; j < end; ++j) {
       const int64_t b = blk.b0 + j / blk.np, pos = blk.p0 + j % blk.np;
-      for (int64_t grp = 0; grp < L.g.deformable_groups; ++grp) {
-        for (int64_t k = 0; k < L.K; ++k) {
-          const T m = tap_corners(offset, mask, L, b, grp, k, pos, c);
-          fn(j, b, pos, grp, k, c, m);
+      const int64_t ho = pos / g.out_w, wo = pos % g.out_w;
+      for (int64_t grp = 0; grp < g.deformable_groups; ++grp) {
+        const int64_t base = (b * g.deformable_groups + grp) * L.K;  // tap 0 of (b, grp)
+        const T* off = offset + 2 * base * L.hw + pos;  // planes dy, dx of each tap
+        const T* m = mask + base * L.hw + pos;
+        for (int64_t i = 0, k = 0; i < g.kernel_h; ++i) {
+          for (int64_t jj = 0; jj < g.kernel_w; ++jj, ++k) {
+            dcn_sample(conv_tap_y(g, ho, i, off[2 * k * L.hw]), conv_tap_x(g, wo, jj, off[(2 * k + 1) * L.hw]),
+                       int(g.height), int(g.width), c);
+            fn(j, b, pos, grp, k, c, m[k * L.hw]);
+          }
         }
       }
     }
