@@ -269,7 +269,8 @@ def tiny_training_run(tmp_path_factory):
     evaluation; 4 iterations so that the ETA is measured (the first 3 are timer warm-up)."""
     datasets = tmp_path_factory.mktemp("datasets")
     out = tmp_path_factory.mktemp("train")
-    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets))
+    # One OpenMP thread: on a shared 2-core machine more threads only oversubscribe the cores.
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="1")
     args = [
         "--config-file", str(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml"),
         "MODEL.MASK_ON", "False", "SOLVER.IMS_PER_BATCH", "1", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "2",
