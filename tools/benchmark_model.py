@@ -6,7 +6,8 @@ twins, random weights, same image, same machine, one run.
                                     [--size 800x1216] [--repeat 5] [--device cpu] [--json out.json]
 
 Timing: the two models of a pair live in one subprocess and run alternately, so that load on a shared
-machine hits both; the ratio is the median of the per-round DCNv2 / plain ratios. Peak memory (max
+machine hits both; the ratio is the median of the per-round DCNv2 / plain ratios, for the whole model and for its
+backbone alone (ResNet + FPN). Peak memory (max
 RSS on CPU, max allocated on CUDA) comes from one warm inference per config in a subprocess of its own.
 """
 import argparse
@@ -37,6 +38,10 @@ def _build(config, device):
     cfg.merge_from_file(os.path.join(ROOT, "configs", config + ".yaml"))
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
+    # Every model keeps exactly TEST.DETECTIONS_PER_IMAGE detections: with random weights the
+    # number above the usual 0.05 score threshold depends on the features, and the mask head's
+    # work with it, which would time the detections rather than the backbone.
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     # Random weights can drive activations into the denormal range, where x86 float math is many
     # times slower depending on the values, not on the model: flush them to zero.
     torch.set_flush_denormal(True)
@@ -66,6 +71,8 @@ def _run_once(model, inputs, device):
 
 
 def _time_pair(plain, dcn, size, repeat, device):
+    import torch
+
     """Both models in one process, run alternately (plain, DCNv2, plain, ...): a load change on a shared
     machine hits both, and each round gives one DCNv2 / plain ratio."""
     models = [_build(plain, device), _build(dcn, device)]
@@ -75,17 +82,25 @@ def _time_pair(plain, dcn, size, repeat, device):
     shared = {k: v for k, v in models[0].state_dict().items() if k in dcn_state and dcn_state[k].shape == v.shape}
     models[1].load_state_dict(shared, strict=False)
     inputs = _inputs(size, device)
+    with torch.no_grad():
+        images = models[0].preprocess_image(inputs).tensor
     for model in models:  # warm-up
         _run_once(model, inputs, device)
-    times = [[], []]
+    # Whole model, and the backbone alone (ResNet + FPN: all that DCNv2 changes in an mdconv
+    # config). With random weights the heads' work depends on the boxes each model predicts
+    # (adaptive RoIAlign grids, mask pasting grow with box size), so the backbone ratio is the clean one.
+    times = {"model": [[], []], "backbone": [[], []]}
     for _ in range(repeat):
-        for model, ts in zip(models, times):
-            ts.append(_run_once(model, inputs, device))
-    return {
-        "plain_median_s": statistics.median(times[0]),
-        "dcnv2_median_s": statistics.median(times[1]),
-        "ratio": statistics.median(b / a for a, b in zip(*times)),
-    }
+        for i, model in enumerate(models):
+            times["model"][i].append(_run_once(model, inputs, device))
+            times["backbone"][i].append(_run_once(model.backbone, images, device))
+    result = {}
+    for part, (plain_times, dcn_times) in times.items():
+        prefix = "" if part == "model" else "backbone_"
+        result[prefix + "plain_median_s"] = statistics.median(plain_times)
+        result[prefix + "dcnv2_median_s"] = statistics.median(dcn_times)
+        result[prefix + "ratio"] = statistics.median(b / a for a, b in zip(plain_times, dcn_times))
+    return result
 
 
 def _peak_memory(config, size, device):
@@ -133,8 +148,8 @@ def main():
 
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {machine}; image {args.size}; {args.repeat} alternating rounds after one warm-up; random weights")
-    print("| plain | DCNv2 | plain s/img | DCNv2 s/img | ratio (median of rounds) | plain peak MB | DCNv2 peak MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| plain | DCNv2 | plain s/img | DCNv2 s/img | ratio | backbone ratio | plain peak MB | DCNv2 peak MB |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     peak = {}
     for pair in args.pairs.split(","):
@@ -147,9 +162,11 @@ def main():
             "plain": {"config": plain, "median_s": t["plain_median_s"], "peak_mb": peak[plain]},
             "dcnv2": {"config": dcn, "median_s": t["dcnv2_median_s"], "peak_mb": peak[dcn]},
             "ratio": t["ratio"],
+            "backbone": {k[len("backbone_"):]: v for k, v in t.items() if k.startswith("backbone_")},
         }
         rows.append(row)
         print(f"| {plain} | {dcn} | {t['plain_median_s']:.2f} | {t['dcnv2_median_s']:.2f} | {t['ratio']:.2f}x "
+              f"| {t['backbone_ratio']:.2f}x "
               f"| {peak[plain]:.0f} | {peak[dcn]:.0f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
