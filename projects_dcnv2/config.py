@@ -19,3 +19,18 @@ def add_dcnv2_config(cfg):
     cfg.MODEL.ROI_BOX_HEAD.MDPOOL.GAMMA = 0.1
     # Hidden width of the offset_fc and mask_fc branches (MMCV's deform_fc_channels).
     cfg.MODEL.ROI_BOX_HEAD.MDPOOL.DEFORM_FC_DIM = 1024
+
+
+def load_dcnv2_config(config_file, opts=(), score_thresh_test=None):
+    """A frozen config for tools (demo, visualisation): Detectron2 defaults + DCNv2 keys + the
+    file + ``opts`` (a KEY VALUE list); ``score_thresh_test`` overrides the detection threshold."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_dcnv2_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if score_thresh_test is not None:
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_thresh_test
+    cfg.freeze()
+    return cfg

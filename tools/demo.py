@@ -21,25 +21,18 @@ import time
 import numpy as np
 from PIL import Image
 
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 
-from projects_dcnv2 import add_dcnv2_config  # noqa: F401  (the import registers the components)
+from projects_dcnv2 import load_dcnv2_config  # (the import registers the components)
 from projects_dcnv2.checkpoint import DCNv2Checkpointer
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
-    cfg.freeze()
-    return cfg
+    return load_dcnv2_config(args.config_file, args.opts, score_thresh_test=args.confidence_threshold)
 
 
 def expand_inputs(items):

@@ -48,12 +48,11 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import detectron2.data.transforms as T  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.poolers import assign_boxes_to_levels  # noqa: E402
 
-from projects_dcnv2 import add_dcnv2_config  # noqa: E402  (import registers the components)
+from projects_dcnv2 import load_dcnv2_config  # noqa: E402  (import registers the components)
 from projects_dcnv2.checkpoint import DCNv2Checkpointer  # noqa: E402
 from projects_dcnv2.modeling.poolers import MDPoolROIPooler  # noqa: E402
 
@@ -421,13 +420,7 @@ def draw_bins(image, detections, path, class_names, panel_inches=4.0):
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
-    cfg.freeze()
-    return cfg
+    return load_dcnv2_config(args.config_file, args.opts, score_thresh_test=args.confidence_threshold)
 
 
 def _parse_positions(items):
