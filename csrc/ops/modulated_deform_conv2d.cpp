@@ -149,15 +149,15 @@ std::vector<ColumnBlock> mdconv_column_blocks(const ConvGeometry& g, bool cuda) 
   return blocks;
 }
 
-namespace {
-
-int64_t max_block_columns(const std::vector<ColumnBlock>& blocks) {
+int64_t mdconv_max_block_columns(const std::vector<ColumnBlock>& blocks) {
   int64_t m = 0;
   for (const ColumnBlock& blk : blocks) {
     m = std::max(m, blk.nb * blk.np);
   }
   return m;
 }
+
+namespace {
 
 // The block's part of a (N, C_out, Ho, Wo) tensor as (groups, C_out/groups, columns): a strided view
 // when the block lies in one image, a copy otherwise.
@@ -188,7 +188,7 @@ at::Tensor mdconv_forward(const MDConvPrimitives& prim, const at::Tensor& input_
   at::Tensor output = at::zeros({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (g.batch > 0 && g.channels > 0 && g.out_channels > 0) {
     const auto blocks = mdconv_column_blocks(g, input.is_cuda());
-    at::Tensor buffer = at::empty({g.channels * taps * max_block_columns(blocks)}, input.options());
+    at::Tensor buffer = at::empty({g.channels * taps * mdconv_max_block_columns(blocks)}, input.options());
     for (const ColumnBlock& blk : blocks) {
       const int64_t cols = blk.nb * blk.np;
       at::Tensor columns = buffer.narrow(0, 0, g.channels * taps * cols).view({g.channels * taps, cols});
@@ -237,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdconv_ba
 
   if (g.batch > 0 && g.channels > 0 && g.out_channels > 0) {
     const auto blocks = mdconv_column_blocks(g, input.is_cuda());
-    const int64_t max_numel = g.channels * taps * max_block_columns(blocks);
+    const int64_t max_numel = g.channels * taps * mdconv_max_block_columns(blocks);
     at::Tensor col_buffer = at::empty({max_numel}, input.options());
     at::Tensor grad_col_buffer = at::empty({max_numel}, input.options());
     for (const ColumnBlock& blk : blocks) {

@@ -33,6 +33,9 @@ void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, c
 // DCNV2_MAX_COLUMN_ELEMENTS overrides): a range of one image's positions, or several whole images.
 std::vector<ColumnBlock> mdconv_column_blocks(const ConvGeometry& g, bool cuda);
 
+// The largest block's column count (sizes the column buffer).
+int64_t mdconv_max_block_columns(const std::vector<ColumnBlock>& blocks);
+
 struct MDConvPrimitives {
   // columns (C*kh*kw, blk.nb*blk.np) <- mask * bilinear(input) for the block's columns
   void (*im2col)(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,

@@ -247,14 +247,6 @@ at::Tensor block_of(const at::Tensor& t, const Layout& L, const ColumnBlock& blk
       .reshape({og, blk.nb * L.hw});
 }
 
-int64_t max_columns(const std::vector<ColumnBlock>& blocks) {
-  int64_t m = 0;
-  for (const ColumnBlock& blk : blocks) {
-    m = std::max(m, blk.nb * blk.np);
-  }
-  return m;
-}
-
 bool has_work(const ConvGeometry& g) {
   return g.batch > 0 && g.channels > 0 && g.out_channels > 0;
 }
@@ -267,7 +259,7 @@ void forward_impl(const Layout& L, const at::Tensor& input, const at::Tensor& of
   const at::Tensor rows = weight_rows(weight, L);
   const int64_t kcg = L.K * L.cg;
   const auto blocks = mdconv_column_blocks(g, /*cuda=*/false);
-  at::Tensor buffer = at::empty({max_columns(blocks) * L.row}, input.options());
+  at::Tensor buffer = at::empty({mdconv_max_block_columns(blocks) * L.row}, input.options());
   for (const ColumnBlock& blk : blocks) {
     const int64_t cols = blk.nb * blk.np;
     at::Tensor columns = buffer.narrow(0, 0, cols * L.row).view({cols, L.row});
@@ -296,7 +288,7 @@ void backward_impl(const Layout& L, const at::Tensor& grad_output, const at::Ten
   const at::Tensor rows = weight_rows(weight, L);
   const int64_t kcg = L.K * L.cg;
   const auto blocks = mdconv_column_blocks(g, /*cuda=*/false);
-  const int64_t max_numel = max_columns(blocks) * L.row;
+  const int64_t max_numel = mdconv_max_block_columns(blocks) * L.row;
   at::Tensor col_buffer = at::empty({max_numel}, input.options());
   at::Tensor grad_col_buffer = at::empty({max_numel}, input.options());
   const T *xp = x.data_ptr<T>(), *op = offset.data_ptr<T>(), *mp = mask.data_ptr<T>();
