@@ -14,11 +14,10 @@ import os
 import torch.distributed as dist
 
 import detectron2.utils.comm as comm
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 
-from projects_dcnv2 import add_dcnv2_config
+from projects_dcnv2 import load_dcnv2_config
 from projects_dcnv2.checkpoint import DCNv2Checkpointer  # also loads MMDetection / torchvision weights
 from projects_dcnv2.data import check_datasets_on_disk
 from projects_dcnv2.engine import DCNv2Trainer
@@ -47,11 +46,7 @@ class Trainer(DCNv2Trainer):
 
 def setup(args):
     """Create the config (Detectron2 defaults + DCNv2 keys + file + command line)."""
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_dcnv2_config(args.config_file, args.opts)
     default_setup(cfg, args)
     return cfg
 

@@ -22,7 +22,7 @@ def add_dcnv2_config(cfg):
 
 
 def load_dcnv2_config(config_file, opts=(), score_thresh_test=None):
-    """A frozen config for tools (demo, visualisation): Detectron2 defaults + DCNv2 keys + the
+    """A frozen config (train_net.py and the tools): Detectron2 defaults + DCNv2 keys + the
     file + ``opts`` (a KEY VALUE list); ``score_thresh_test`` overrides the detection threshold."""
     from detectron2.config import get_cfg
 
