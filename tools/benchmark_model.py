@@ -27,7 +27,6 @@ DEFAULT_PAIRS = (
 
 
 def _build(config, device):
-    import torch
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
@@ -42,9 +41,6 @@ def _build(config, device):
     # number above the usual 0.05 score threshold depends on the features, and the mask head's
     # work with it, which would time the detections rather than the backbone.
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    # Random weights can drive activations into the denormal range, where x86 float math is many
-    # times slower depending on the values, not on the model: flush them to zero.
-    torch.set_flush_denormal(True)
     return build_model(cfg).eval()
 
 
@@ -137,6 +133,12 @@ def main():
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
+    if args.time_worker or args.memory_worker:
+        import torch
+
+        # Random weights can drive activations into the denormal range, where x86 float math is
+        # many times slower depending on the values, not on the model: flush them to zero.
+        torch.set_flush_denormal(True)
     if args.time_worker:
         print(json.dumps(_time_pair(*args.time_worker.split(":"), size, args.repeat, args.device)))
         return
