@@ -139,11 +139,6 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
         problems.append(f"- number of classes differs: {what}.\n" + _describe_shapes(class_shapes))
         shapes = [s for s in shapes if s not in class_shapes]
 
-    def take(keys, predicate):
-        found = {k for k in keys if predicate(k)}
-        keys -= found
-        return found
-
     def is_mdpool(k):
         return k.startswith("roi_heads.box_pooler.")
 
@@ -153,48 +148,39 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
     def is_mask(k):
         return k.startswith("roi_heads.mask_head.")
 
-    found = take(unexpected, is_mdpool)
-    if found:
-        problems.append(
+    def stages(found):
+        return ", ".join(sorted({k[len(bottom_up_prefix) :].split(".")[0] for k in found}))
+
+    # (keys of one side, which of them, what to tell the user), in the order they are reported.
+    architecture_mismatches = [
+        (unexpected, is_mdpool, lambda found: (
             "- the checkpoint has modulated deformable RoI pooling (mdpool) weights but the model's "
             "box pooler has no parameters: use configs/faster_rcnn_R50_FPN_mdpool.yaml "
-            "(MODEL.ROI_HEADS.NAME: MDPoolROIHeads).\n" + _describe_keys(found)
-        )
-    found = take(missing, is_mdpool)
-    if found:
-        problems.append(
+            "(MODEL.ROI_HEADS.NAME: MDPoolROIHeads).\n")),
+        (missing, is_mdpool, lambda found: (
             "- the model pools boxes with mdpool (MDPoolROIHeads) but the checkpoint has no mdpool "
-            "weights: use a config without MDPoolROIHeads.\n" + _describe_keys(found)
-        )
-    found = take(unexpected, is_offset)
-    if found:
-        stages = sorted({k[len(bottom_up_prefix) :].split(".")[0] for k in found})
-        problems.append(
-            f"- the checkpoint has DCNv2 (mdconv) offset convs in {', '.join(stages)} but the "
+            "weights: use a config without MDPoolROIHeads.\n")),
+        (unexpected, is_offset, lambda found: (
+            f"- the checkpoint has DCNv2 (mdconv) offset convs in {stages(found)} but the "
             "model's ResNet has no deformable convs there: use a *_mdconv*.yaml config "
             "(MODEL.BACKBONE.NAME: build_dcnv2_resnet_fpn_backbone, "
-            "MODEL.RESNETS.DEFORM_ON_PER_STAGE).\n" + _describe_keys(found)
-        )
-    found = take(missing, is_offset)
-    if found:
-        stages = sorted({k[len(bottom_up_prefix) :].split(".")[0] for k in found})
-        problems.append(
-            f"- the model has DCNv2 (mdconv) in {', '.join(stages)} but the checkpoint has no offset "
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE).\n")),
+        (missing, is_offset, lambda found: (
+            f"- the model has DCNv2 (mdconv) in {stages(found)} but the checkpoint has no offset "
             "convs there (a plain-ResNet detector); loading it would leave the offsets at zero and "
-            "the masks at 0.5. Use a config without deformable convs.\n" + _describe_keys(found)
-        )
-    found = take(unexpected, is_mask)
-    if found:
-        problems.append(
+            "the masks at 0.5. Use a config without deformable convs.\n")),
+        (unexpected, is_mask, lambda found: (
             "- the checkpoint is a Mask R-CNN (mask head weights) but the model has no mask head: "
-            "use a mask_rcnn_*.yaml config (MODEL.MASK_ON: True).\n" + _describe_keys(found)
-        )
-    found = take(missing, is_mask)
-    if found:
-        problems.append(
+            "use a mask_rcnn_*.yaml config (MODEL.MASK_ON: True).\n")),
+        (missing, is_mask, lambda found: (
             "- the model has a mask head (MODEL.MASK_ON: True) but the checkpoint has none: use a "
-            "faster_rcnn_*.yaml config.\n" + _describe_keys(found)
-        )
+            "faster_rcnn_*.yaml config.\n")),
+    ]
+    for keys, predicate, message in architecture_mismatches:
+        found = {k for k in keys if predicate(k)}
+        keys -= found  # reported here, not again below
+        if found:
+            problems.append(message(found) + _describe_keys(found))
     if shapes:
         problems.append("- shapes differ:\n" + _describe_shapes(shapes))
     if unexpected:
