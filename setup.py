@@ -43,6 +43,11 @@ def _extension():
     sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, CSRC)]
     cxx_flags = ["-O3"]
+    if sys.platform != "win32":
+        # Floating-point exceptions are never inspected; without this, GCC will not turn the
+        # branch-free bilinear sampling (deform_math.h) into vector selects, since it may not
+        # speculate a float-to-int conversion. Values are unchanged (unlike -ffast-math).
+        cxx_flags.append("-fno-trapping-math")
     link_flags = []
     # at::parallel_for is a header template: without -fopenmp it compiles to a serial loop, and every
     # CPU kernel would run on one thread. The library resolves to the libgomp torch already loaded.

@@ -32,10 +32,11 @@ struct acc_type<double> {
   using type = double;
 };
 
+// (arithmetic rather than a select, so that loops over positions vectorise)
 template <typename T>
 DCN_HOST_DEVICE int floor_to_int(T v) {
-  int i = static_cast<int>(v);
-  return (v < static_cast<T>(i)) ? i - 1 : i;
+  const int i = static_cast<int>(v);
+  return i - static_cast<int>(v < static_cast<T>(i));
 }
 
 template <typename T>
@@ -84,10 +85,11 @@ DCN_HOST_DEVICE bool set_outside(T y, T x, Corners<T>& c) {
 }
 
 // Fills the corner weights for fractional weights (ly, lx) inside the cell whose top-left is (y0, x0);
-// dy_scale / dx_scale are 0 where the coordinate does not influence the value (clamped borders).
+// dy_scale / dx_scale are 0 where the coordinate does not influence the value (clamped borders), and
+// every weight is 0 unless `inside`. Branch-free, so that a CPU loop over positions vectorises it.
 template <typename T>
-DCN_HOST_DEVICE void set_cell(Corners<T>& c, int y0, int x0, int y1, int x1, T ly, T lx, int H, int W,
-                              T dy_scale, T dx_scale) {
+DCN_HOST_DEVICE void set_cell(Corners<T>& c, bool inside, int y0, int x0, int y1, int x1, T ly, T lx, int H,
+                              int W, T dy_scale, T dx_scale) {
   const T hy = T(1) - ly, hx = T(1) - lx;
   const int ys[4] = {y0, y0, y1, y1};
   const int xs[4] = {x0, x1, x0, x1};
@@ -95,7 +97,9 @@ DCN_HOST_DEVICE void set_cell(Corners<T>& c, int y0, int x0, int y1, int x1, T l
   const T wy[4] = {-hx, -lx, hx, lx};
   const T wx[4] = {-hy, hy, -ly, ly};
   for (int n = 0; n < 4; ++n) {
-    const bool valid = ys[n] >= 0 && ys[n] < H && xs[n] >= 0 && xs[n] < W;
+    // 0 <= ys[n] < H and 0 <= xs[n] < W, as unsigned comparisons
+    const bool valid = inside & (static_cast<unsigned>(ys[n]) < static_cast<unsigned>(H)) &
+        (static_cast<unsigned>(xs[n]) < static_cast<unsigned>(W));
     c.idx[n] = valid ? ys[n] * W + xs[n] : 0;
     c.w[n] = valid ? w[n] : T(0);
     c.wy[n] = valid ? wy[n] * dy_scale : T(0);
@@ -105,16 +109,24 @@ DCN_HOST_DEVICE void set_cell(Corners<T>& c, int y0, int x0, int y1, int x1, T l
 
 // Deformable-convolution rule (MMCV modulated_deform_conv / torchvision deform_conv2d forward).
 // Returns false when the sample is outside (-1, H) x (-1, W): value and gradients are zero there.
-// (A NaN coordinate returns true with NaN weights.)
+// A NaN coordinate returns true with NaN weights (a NaN offset gives NaN, not a silent zero).
+// Branch-free (selects only), so that the CPU kernel's loop over positions vectorises it.
 template <typename T>
 DCN_HOST_DEVICE bool dcn_sample(T y, T x, int H, int W, Corners<T>& c) {
-  // written so that NaN coordinates also take this branch
-  if (!(y > T(-1) && y < static_cast<T>(H) && x > T(-1) && x < static_cast<T>(W))) {
-    return set_outside(y, x, c);
+  // false for NaN coordinates
+  const bool inside = (y > T(-1)) & (y < static_cast<T>(H)) & (x > T(-1)) & (x < static_cast<T>(W));
+  const T yc = inside ? y : T(0), xc = inside ? x : T(0);  // keeps the integer conversion defined
+  const int y0 = floor_to_int(yc), x0 = floor_to_int(xc);
+  set_cell(c, inside, y0, x0, y0 + 1, x0 + 1, yc - static_cast<T>(y0), xc - static_cast<T>(x0), H, W, T(1),
+           T(1));
+  const bool nan = (y != y) | (x != x);
+  const T poison = y + x;
+  for (int n = 0; n < 4; ++n) {
+    c.w[n] = nan ? poison : c.w[n];
+    c.wy[n] = nan ? poison : c.wy[n];
+    c.wx[n] = nan ? poison : c.wx[n];
   }
-  const int y0 = floor_to_int(y), x0 = floor_to_int(x);
-  set_cell(c, y0, x0, y0 + 1, x0 + 1, y - static_cast<T>(y0), x - static_cast<T>(x0), H, W, T(1), T(1));
-  return true;
+  return inside | nan;
 }
 
 // RoIAlign rule (torchvision roi_align / MMCV deform_roi_pool). The derivatives are those of this
@@ -151,7 +163,7 @@ DCN_HOST_DEVICE bool roi_sample(T y, T x, int H, int W, Corners<T>& c) {
   } else {
     x1 = x0 + 1;
   }
-  set_cell(c, y0, x0, y1, x1, y - static_cast<T>(y0), x - static_cast<T>(x0), H, W, dy_scale, dx_scale);
+  set_cell(c, true, y0, x0, y1, x1, y - static_cast<T>(y0), x - static_cast<T>(x0), H, W, dy_scale, dx_scale);
   return true;
 }
 

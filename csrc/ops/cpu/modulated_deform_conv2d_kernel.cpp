@@ -101,28 +101,98 @@ inline void dot4(const T* __restrict g, const T* __restrict s0, const T* __restr
   }
 }
 
+// The corners and mask values of one (deformable group, tap) at up to kLanes consecutive positions
+// of one image, as structure-of-arrays: the loop that fills them runs the branch-free dcn_sample and
+// vectorises.
+template <typename T>
+struct TapLanes {
+  static constexpr int kLanes = 8;
+  int idx[4][kLanes];
+  T w[4][kLanes], wy[4][kLanes], wx[4][kLanes];
+  T mask[kLanes];
+
+  // tap_y/x: the tap's integer step; base_ys/xs: tap 0's integer coordinate at each position
+  void fill(T tap_y, T tap_x, const T* __restrict base_ys, const T* __restrict base_xs, const T* __restrict dy,
+            const T* __restrict dx, const T* __restrict m, int n, int H, int W) {
+    for (int l = 0; l < n; ++l) {
+      Corners<T> c;
+      dcn_sample(base_ys[l] + tap_y + dy[l], base_xs[l] + tap_x + dx[l], H, W, c);
+      for (int q = 0; q < 4; ++q) {
+        idx[q][l] = c.idx[q];
+        w[q][l] = c.w[q];
+        wy[q][l] = c.wy[q];
+        wx[q][l] = c.wx[q];
+      }
+      mask[l] = m[l];
+    }
+  }
+
+  Corners<T> at(int l) const {
+    Corners<T> c;
+    for (int q = 0; q < 4; ++q) {
+      c.idx[q] = idx[q][l];
+      c.w[q] = w[q][l];
+      c.wy[q] = wy[q][l];
+      c.wx[q] = wx[q][l];
+    }
+    return c;
+  }
+};
+
 // Calls fn(j, b, pos, grp, k, corners, mask value) for every (column j, deformable group, tap) of the
-// block; columns are split across threads, so fn may write anything owned by column j.
+// block; columns are split across threads, so fn may write anything owned by column j. The corners of
+// kLanes positions are found first, then each column is visited tap by tap, group by group: in
+// column order, so that im2col writes each column row front to back.
+// The sample coordinate is conv_tap_y/x split as (tap 0's integer coordinate + the tap's integer step)
+// + the offset: the integer sum is exact in T, so the float is the same.
+// how far ahead (in positions) for_each_tap prefetches the offset and mask planes
+constexpr int64_t kPrefetch = 64;
+
+inline void prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p);
+#endif
+}
+
 template <typename T, typename Fn>
 void for_each_tap(const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk, const Fn& fn) {
   const ConvGeometry& g = L.g;
-  at::parallel_for(0, blk.nb * blk.np, 16, [&](int64_t begin, int64_t end) {
-    Corners<T> c;
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t b = blk.b0 + j / blk.np, pos = blk.p0 + j % blk.np;
-      const int64_t ho = pos / g.out_w, wo = pos % g.out_w;
-      for (int64_t grp = 0; grp < g.deformable_groups; ++grp) {
-        const int64_t base = (b * g.deformable_groups + grp) * L.K;  // tap 0 of (b, grp)
-        const T* off = offset + 2 * base * L.hw + pos;  // planes dy, dx of each tap
-        const T* m = mask + base * L.hw + pos;
+  constexpr int kLanes = TapLanes<T>::kLanes;
+  const int64_t dg = g.deformable_groups;
+  at::parallel_for(0, blk.nb * blk.np, 2 * kLanes, [&](int64_t begin, int64_t end) {
+    std::vector<TapLanes<T>> lanes(dg * L.K);  // [group][tap]
+    T base_ys[kLanes], base_xs[kLanes];
+    for (int64_t j0 = begin; j0 < end;) {
+      const int64_t b = blk.b0 + j0 / blk.np, pos0 = blk.p0 + j0 % blk.np;
+      const int n = int(std::min<int64_t>({int64_t(kLanes), end - j0, blk.np - j0 % blk.np}));
+      for (int l = 0; l < n; ++l) {
+        base_ys[l] = conv_tap_y(g, (pos0 + l) / g.out_w, 0, T(0));
+        base_xs[l] = conv_tap_x(g, (pos0 + l) % g.out_w, 0, T(0));
+      }
+      for (int64_t grp = 0; grp < dg; ++grp) {
+        const int64_t base = (b * dg + grp) * L.K;  // tap 0 of (b, grp)
         for (int64_t i = 0, k = 0; i < g.kernel_h; ++i) {
           for (int64_t jj = 0; jj < g.kernel_w; ++jj, ++k) {
-            dcn_sample(conv_tap_y(g, ho, i, off[2 * k * L.hw]), conv_tap_x(g, wo, jj, off[(2 * k + 1) * L.hw]),
-                       int(g.height), int(g.width), c);
-            fn(j, b, pos, grp, k, c, m[k * L.hw]);
+            const T* dy = offset + 2 * (base + k) * L.hw + pos0;  // planes dy, dx of tap k
+            // dg * K * 3 planes are read side by side, more streams than the hardware prefetcher follows
+            const int64_t ahead = std::min<int64_t>(kPrefetch, L.hw - 1 - pos0);
+            prefetch(dy + ahead);
+            prefetch(dy + L.hw + ahead);
+            prefetch(mask + (base + k) * L.hw + pos0 + ahead);
+            lanes[base - b * dg * L.K + k].fill(T(i * g.dil_h), T(jj * g.dil_w), base_ys, base_xs, dy, dy + L.hw,
+                                                mask + (base + k) * L.hw + pos0, n, int(g.height), int(g.width));
           }
         }
       }
+      for (int l = 0; l < n; ++l) {
+        for (int64_t k = 0; k < L.K; ++k) {
+          for (int64_t grp = 0; grp < dg; ++grp) {
+            const TapLanes<T>& t = lanes[grp * L.K + k];
+            fn(j0 + l, b, pos0 + l, grp, k, t.at(l), t.mask[l]);
+          }
+        }
+      }
+      j0 += n;
     }
   });
 }
