@@ -321,30 +321,36 @@ bool has_work(const ConvGeometry& g) {
   return g.batch > 0 && g.channels > 0 && g.out_channels > 0;
 }
 
+// The block's (images, C_out/groups, positions) slice of a (N, C_out, Ho, Wo) tensor for conv group grp.
+at::Tensor output_block(const at::Tensor& t, const Layout& L, const ColumnBlock& blk, int64_t grp) {
+  const ConvGeometry& g = L.g;
+  return t.narrow(0, blk.b0, blk.nb)
+      .view({blk.nb, g.groups, g.out_channels / g.groups, L.hw})
+      .select(1, grp)
+      .narrow(2, blk.p0, blk.np);
+}
+
 template <typename T>
 void forward_impl(const Layout& L, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
                   const at::Tensor& weight, at::Tensor& output) {
   const ConvGeometry& g = L.g;
   const at::Tensor x = input.permute({0, 2, 3, 1}).contiguous();  // (N, H, W, C)
   const at::Tensor rows = weight_rows(weight, L);
-  const int64_t kcg = L.K * L.cg;
+  const int64_t kcg = L.K * L.cg, og = g.out_channels / g.groups;
   const auto blocks = mdconv_column_blocks(g, /*cuda=*/false);
-  at::Tensor buffer = at::empty({mdconv_max_block_columns(blocks) * L.row}, input.options());
+  const int64_t max_cols = mdconv_max_block_columns(blocks);
+  at::Tensor buffer = at::empty({max_cols * L.row}, input.options());
+  at::Tensor result = at::empty({max_cols * og}, input.options());
   for (const ColumnBlock& blk : blocks) {
     const int64_t cols = blk.nb * blk.np;
     at::Tensor columns = buffer.narrow(0, 0, cols * L.row).view({cols, L.row});
     im2col(x.data_ptr<T>(), offset.data_ptr<T>(), mask.data_ptr<T>(), L, blk, columns.data_ptr<T>());
     for (int64_t grp = 0; grp < g.groups; ++grp) {
-      const at::Tensor cols_t = columns.narrow(1, grp * kcg, kcg).t();  // (kh*kw*C/groups, cols)
-      if (blk.nb == 1) {
-        at::Tensor out = block_of(output, L, blk, grp);
-        at::mm_out(out, rows[grp], cols_t);
-      } else {
-        output.narrow(0, blk.b0, blk.nb)
-            .view({blk.nb, g.groups, g.out_channels / g.groups, L.hw})
-            .select(1, grp)
-            .copy_(at::mm(rows[grp], cols_t).view({g.out_channels / g.groups, blk.nb, L.hw}).permute({1, 0, 2}));
-      }
+      // (columns, C_out/groups): MKL splits the long column dimension across threads, which scales
+      // better than the transposed product with its short C_out side; one transposing copy follows.
+      at::Tensor res = result.narrow(0, 0, cols * og).view({cols, og});
+      at::mm_out(res, columns.narrow(1, grp * kcg, kcg), rows[grp].t());
+      output_block(output, L, blk, grp).copy_(res.view({blk.nb, blk.np, og}).transpose(1, 2));
     }
   }
 }
@@ -352,7 +358,7 @@ void forward_impl(const Layout& L, const at::Tensor& input, const at::Tensor& of
 template <typename T>
 void backward_impl(const Layout& L, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
                    const at::Tensor& mask, const at::Tensor& weight, at::Tensor& grad_x, at::Tensor& grad_offset,
-                   at::Tensor& grad_mask, at::Tensor& grad_rows) {
+                   at::Tensor& grad_mask, at::Tensor& grad_rows_t) {
   const ConvGeometry& g = L.g;
   const at::Tensor x = input.permute({0, 2, 3, 1}).contiguous();  // (N, H, W, C)
   const at::Tensor rows = weight_rows(weight, L);
@@ -378,7 +384,8 @@ void backward_impl(const Layout& L, const at::Tensor& grad_output, const at::Ten
     at::Tensor columns = col_buffer.narrow(0, 0, cols * L.row).view({cols, L.row});
     im2col(xp, op, mp, L, blk, columns.data_ptr<T>());
     for (int64_t grp = 0; grp < g.groups; ++grp) {
-      grad_rows[grp].addmm_(grad_out[grp], columns.narrow(1, grp * kcg, kcg));
+      // accumulated transposed, (kh*kw*C/groups, C_out/groups): the long side first scales better
+      grad_rows_t[grp].addmm_(columns.narrow(1, grp * kcg, kcg).t(), grad_out[grp].t());
     }
   }
 }
@@ -423,15 +430,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor grad_x = at::zeros({g.batch, g.height, g.width, g.channels}, input.options());
   at::Tensor grad_offset = at::zeros_like(offset);
   at::Tensor grad_mask = at::zeros_like(mask);
-  at::Tensor grad_rows = at::zeros({g.groups, g.out_channels / g.groups, L.K * L.cg}, input.options());
+  at::Tensor grad_rows_t = at::zeros({g.groups, L.K * L.cg, g.out_channels / g.groups}, input.options());
   if (has_work(g)) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnv2_mdconv_backward_cpu", [&] {
       backward_impl<scalar_t>(L, grad_output, input, offset, mask, weight, grad_x, grad_offset, grad_mask,
-                              grad_rows);
+                              grad_rows_t);
     });
   }
-  at::Tensor grad_weight = grad_rows.view({g.groups, g.out_channels / g.groups, L.K, L.cg})
-                               .permute({0, 1, 3, 2})
+  at::Tensor grad_weight = grad_rows_t.view({g.groups, L.K, L.cg, g.out_channels / g.groups})
+                               .permute({0, 3, 2, 1})
                                .reshape(weight.sizes())
                                .contiguous();
   at::Tensor grad_bias =
