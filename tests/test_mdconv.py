@@ -3,6 +3,9 @@
 Offsets are random and non-integer, so no sample lands exactly on y = -1 or x = -1, the only place
 where torchvision's offset gradient differs from MMCV's (FACTS §2.2).
 """
+import os
+import subprocess
+import sys
 from typing import NamedTuple, Tuple, Union
 
 import pytest
@@ -463,3 +466,26 @@ def test_compile_fullgraph_matches_eager(backend):
     names = ["x"] + [n for n, _ in net.named_parameters()]
     for name, a, b in zip(names, gs[1], gs[0]):
         assert_same(a, b, 1e-4, 1e-4, f"grad {name}")
+
+
+def test_portable_cpu_loops_pass_the_op_tests():
+    """The CPU loops are compiled twice, portable and AVX2+FMA (csrc/ops/cpu/), and an AVX2 machine runs
+    the AVX2 instance; so the op tests run again in a process whose PyTorch CPU capability is DEFAULT,
+    which selects the portable loops."""
+    if torch.ops.dcnv2._cpu_kernels() != "avx2":
+        pytest.skip("this process already runs the portable CPU loops: no AVX2 instance in use here")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    probe = "import torch, projects_dcnv2.layers; print(torch.ops.dcnv2._cpu_kernels())"
+    chosen = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "generic"
+    files = [os.path.join(tests, f) for f in ("test_mdconv.py", "test_nonfinite.py", "test_determinism.py")]
+    # torch.compile's inductor cannot build its own C++ under ATEN_CPU_CAPABILITY=default; the compile
+    # tests check the op's registration, which does not depend on the loops
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
+         "-k", "not compile and not portable_cpu_loops"],
+        env=env, cwd=os.path.dirname(tests), capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
