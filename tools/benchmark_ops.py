@@ -2,8 +2,9 @@
 """Side-by-side op benchmark: our mdconv vs F.conv2d vs torchvision's deform_conv2d (with mask), and our
 deform_roi_pool (both mdpool passes, without the FCs) vs torchvision's roi_align.
 
-Shapes are the ResNet-50 stages c3-c5 of an 800x1216 image (batch 1, 3x3, padding 1). Prints median
-times and ratios for the device it runs on; --json writes them for docs/benchmarks.md.
+Shapes are the ResNet-50 stages c3-c5 of an 800x1216 image (batch 1, 3x3, padding 1). The three
+convolutions run in turn, round after round; prints median times and the medians of the per-round
+ratios for the device it runs on; --json writes them for docs/benchmarks.md.
 
     python tools/benchmark_ops.py [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--repeat 10] [--json out.json]
 """
@@ -22,25 +23,48 @@ from projects_dcnv2.layers import deform_roi_pool, modulated_deform_conv2d
 STAGES = {"c3": (128, 100, 152), "c4": (256, 50, 76), "c5": (512, 25, 38)}
 
 
-def _time(fn, device, repeat, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _once(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _time_rounds(fns, device, repeat, warmup=2):
+    """Times the functions in turn, round after round, so that a noisy spell of a shared machine hits
+    all of them alike. Returns per-function lists of times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {key: [] for key in fns}
     for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            times[key].append(_once(fn, device))
+    return times
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _machine(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    kernels = torch.ops.dcnv2._cpu_kernels()
+    return f"{_cpu_name()}, {torch.get_num_threads()} threads, {kernels} CPU loops"
 
 
 def bench_conv(name, channels, h, w, dg, device, dtype, repeat):
@@ -55,20 +79,24 @@ def bench_conv(name, channels, h, w, dg, device, dtype, repeat):
         "torchvision": lambda: torchvision.ops.deform_conv2d(x, offset, weight, padding=(1, 1), mask=mask),
     }
     row = {"shape": name, "dg": dg}
-    for key, fn in cases.items():
-        def fwd():
-            with torch.no_grad():
-                fn()
-
-        def fwd_bwd():
-            fn().sum().backward()
-
-        row[f"{key}_fwd_ms"] = 1e3 * _time(fwd, device, repeat)
-        row[f"{key}_fwdbwd_ms"] = 1e3 * _time(fwd_bwd, device, repeat)
     for phase in ("fwd", "fwdbwd"):
-        row[f"ours/conv2d_{phase}"] = row[f"ours_{phase}_ms"] / row[f"conv2d_{phase}_ms"]
-        row[f"torchvision/ours_{phase}"] = row[f"torchvision_{phase}_ms"] / row[f"ours_{phase}_ms"]
+        if phase == "fwd":
+            fns = {key: (lambda fn=fn: _no_grad(fn)) for key, fn in cases.items()}
+        else:
+            fns = {key: (lambda fn=fn: fn().sum().backward()) for key, fn in cases.items()}
+        times = _time_rounds(fns, device, repeat)
+        for key in cases:
+            row[f"{key}_{phase}_ms"] = 1e3 * statistics.median(times[key])
+        # ratios: medians of the per-round ratios (the cases of a round ran back to back)
+        row[f"ours/conv2d_{phase}"] = statistics.median(a / b for a, b in zip(times["ours"], times["conv2d"]))
+        row[f"torchvision/ours_{phase}"] = statistics.median(
+            a / b for a, b in zip(times["torchvision"], times["ours"]))
     return row
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        fn()
 
 
 def bench_pool(device, dtype, repeat, num_rois=1000):
@@ -94,9 +122,10 @@ def bench_pool(device, dtype, repeat, num_rois=1000):
             torchvision.ops.roi_align(f, r, 7, s, 0, aligned=True)
 
     with torch.no_grad():
-        row = {"shape": f"P2-P5, {num_rois} RoIs", "ours_ms": 1e3 * _time(ours, device, repeat),
-               "roi_align_ms": 1e3 * _time(roi_align, device, repeat)}
-    row["ours/roi_align"] = row["ours_ms"] / row["roi_align_ms"]
+        times = _time_rounds({"ours": ours, "roi_align": roi_align}, device, repeat)
+    row = {"shape": f"P2-P5, {num_rois} RoIs", "ours_ms": 1e3 * statistics.median(times["ours"]),
+           "roi_align_ms": 1e3 * statistics.median(times["roi_align"]),
+           "ours/roi_align": statistics.median(a / b for a, b in zip(times["ours"], times["roi_align"]))}
     return row
 
 
