@@ -31,6 +31,13 @@ extern const MDConvCpuKernels mdconv_cpu_generic;
 extern const MDConvCpuKernels mdconv_cpu_avx2;
 #endif
 
+// Scratch buffers of the CPU loops, kept per calling thread from one call to the next: the column
+// buffers are megabytes, and a fresh allocation that size (glibc maps it anew) costs one page fault per
+// 4 KB page on every call. They are bounded by the column block budget (mdconv_column_blocks): at most
+// about 2 x 8 MB (float32) or 2 x 16 MB (float64) per thread that ran a backward pass.
+enum class CpuScratch { kColumns = 0, kGradColumns, kResult, kCount };
+at::Tensor cpu_scratch(CpuScratch slot, int64_t numel, const at::TensorOptions& options);
+
 // The instance the CPU ops run: AVX2 where this build has it, the processor supports AVX2 and FMA, and
 // PyTorch's own CPU capability (ATEN_CPU_CAPABILITY) is at least AVX2; the portable one otherwise.
 const MDConvCpuKernels& mdconv_cpu_kernels();

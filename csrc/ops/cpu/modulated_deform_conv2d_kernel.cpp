@@ -36,6 +36,16 @@ const MDConvCpuKernels& mdconv_cpu_kernels() {
   return mdconv_cpu_generic;
 }
 
+at::Tensor cpu_scratch(CpuScratch slot, int64_t numel, const at::TensorOptions& options) {
+  thread_local at::Tensor cache[int(CpuScratch::kCount)];
+  at::Tensor& buffer = cache[int(slot)];
+  if (!buffer.defined() || buffer.numel() < numel || buffer.scalar_type() != options.dtype().toScalarType()) {
+    buffer = at::Tensor();  // frees the old one first
+    buffer = at::empty({numel}, options);
+  }
+  return buffer.narrow(0, 0, numel);
+}
+
 std::string mdconv_cpu_kernel_name() {
   return mdconv_cpu_kernels().name;
 }
@@ -59,7 +69,9 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset_, const
   check_cpu_dtype(input);
   const ConvGeometry g = mdconv_geometry(input, offset_, mask_, weight, bias, stride_h, stride_w, pad_h, pad_w,
                                          dil_h, dil_w, groups, deformable_groups);
-  at::Tensor output = at::zeros({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
+  // every element is written when there is work; zeros (plus the bias) otherwise
+  at::Tensor output = has_work(g) ? at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options())
+                                  : at::zeros({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (has_work(g)) {
     mdconv_cpu_kernels().forward(g, input, offset_.contiguous(), mask_.contiguous(), weight, output);
   }

@@ -20,6 +20,7 @@
 
 #include "../deform_math.h"
 #include "../modulated_deform_conv2d.h"
+#include "modulated_deform_conv2d_cpu.h"
 
 #ifndef DCNV2_CPU_ISA
 #error "define DCNV2_CPU_ISA (the namespace of this instance) before including this file"
@@ -360,8 +361,8 @@ void forward_impl(const Layout& L, const at::Tensor& input, const at::Tensor& of
   const int64_t kcg = L.K * L.cg, og = g.out_channels / g.groups;
   const auto blocks = mdconv_column_blocks(g, /*cuda=*/false);
   const int64_t max_cols = mdconv_max_block_columns(blocks);
-  at::Tensor buffer = at::empty({max_cols * L.row}, input.options());
-  at::Tensor result = at::empty({max_cols * og}, input.options());
+  at::Tensor buffer = cpu_scratch(CpuScratch::kColumns, max_cols * L.row, input.options());
+  at::Tensor result = cpu_scratch(CpuScratch::kResult, max_cols * og, input.options());
   for (const ColumnBlock& blk : blocks) {
     const int64_t cols = blk.nb * blk.np;
     at::Tensor columns = buffer.narrow(0, 0, cols * L.row).view({cols, L.row});
@@ -386,8 +387,8 @@ void backward_impl(const Layout& L, const at::Tensor& grad_output, const at::Ten
   const int64_t kcg = L.K * L.cg;
   const auto blocks = mdconv_column_blocks(g, /*cuda=*/false);
   const int64_t max_numel = mdconv_max_block_columns(blocks) * L.row;
-  at::Tensor col_buffer = at::empty({max_numel}, input.options());
-  at::Tensor grad_col_buffer = at::empty({max_numel}, input.options());
+  at::Tensor col_buffer = cpu_scratch(CpuScratch::kColumns, max_numel, input.options());
+  at::Tensor grad_col_buffer = cpu_scratch(CpuScratch::kGradColumns, max_numel, input.options());
   const T *xp = x.data_ptr<T>(), *op = offset.data_ptr<T>(), *mp = mask.data_ptr<T>();
   for (const ColumnBlock& blk : blocks) {
     const int64_t cols = blk.nb * blk.np;
