@@ -50,6 +50,22 @@ def _time_rounds(fns, device, repeat, warmup=2):
     return times
 
 
+def _keep_freed_memory():
+    """Tells glibc to keep freed memory for reuse instead of unmapping it (mallopt), as a caching
+    allocator would. On this kind of VM a page fault costs microseconds, and a multi-megabyte buffer
+    mapped afresh adds milliseconds to whichever op happens to get it in a round (F.conv2d's 8 MB
+    output at c3 ran 25 or 34 ms depending on the heap state). Returns whether it took effect."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+    big = 1 << 30
+    return bool(libc.mallopt(m_trim_threshold, big)) and bool(libc.mallopt(m_mmap_threshold, 1 << 25))
+
+
 def _cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -140,11 +156,16 @@ def main():
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--stages", default="c3,c4,c5")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--fresh-memory", action="store_true",
+                        help="CPU: leave glibc's default of unmapping large freed buffers (page faults included)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    kept = args.device == "cpu" and not args.fresh_memory and _keep_freed_memory()
     result = {"device": args.device, "machine": _machine(args.device), "dtype": args.dtype,
-              "torch": torch.__version__, "torchvision": torchvision.__version__, "conv": [], "pool": None}
-    print(f"# {result['machine']} ({args.device}, {args.dtype}), torch {torch.__version__}; medians of {args.repeat}")
+              "torch": torch.__version__, "torchvision": torchvision.__version__, "conv": [], "pool": None,
+              "freed_memory_kept": kept}
+    print(f"# {result['machine']} ({args.device}, {args.dtype}), torch {torch.__version__}; medians of {args.repeat}"
+          + ("; freed memory kept by glibc (no page faults on reuse)" if kept else ""))
     header = ("shape", "dg", "fwd ms ours/conv/tv", "ours/conv", "tv/ours", "fwd+bwd ms ours/conv/tv", "ours/conv",
               "tv/ours")
     print("| " + " | ".join(header) + " |")
