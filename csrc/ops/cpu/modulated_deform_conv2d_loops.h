@@ -149,12 +149,6 @@ struct TapLanes {
   }
 };
 
-// Calls fn(j, b, pos, grp, k, corners, mask value) for every (column j, deformable group, tap) of the
-// block; columns are split across threads, so fn may write anything owned by column j. The corners of
-// kLanes positions are found first, then each column is visited tap by tap, group by group: in
-// column order, so that im2col writes each column row front to back.
-// The sample coordinate is conv_tap_y/x split as (tap 0's integer coordinate + the tap's integer step)
-// + the offset: the integer sum is exact in T, so the float is the same.
 // how far ahead (in positions) for_each_tap prefetches the offset and mask planes
 constexpr int64_t kPrefetch = 64;
 
@@ -164,6 +158,12 @@ inline void prefetch(const void* p) {
 #endif
 }
 
+// Calls fn(j, b, pos, grp, k, corners, mask value) for every (column j, deformable group, tap) of the
+// block; columns are split across threads, so fn may write anything owned by column j. The corners of
+// kLanes positions are found first, then each column is visited tap by tap, group by group: in
+// column order, so that im2col writes each column row front to back.
+// The sample coordinate is conv_tap_y/x split as (tap 0's integer coordinate + the tap's integer step)
+// + the offset: the integer sum is exact in T, so the float is the same.
 template <typename T, typename Fn>
 void for_each_tap(const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk, const Fn& fn) {
   const ConvGeometry& g = L.g;
@@ -184,13 +184,14 @@ void for_each_tap(const T* offset, const T* mask, const Layout& L, const ColumnB
         for (int64_t i = 0, k = 0; i < g.kernel_h; ++i) {
           for (int64_t jj = 0; jj < g.kernel_w; ++jj, ++k) {
             const T* dy = offset + 2 * (base + k) * L.hw + pos0;  // planes dy, dx of tap k
+            const T* m = mask + (base + k) * L.hw + pos0;
             // dg * K * 3 planes are read side by side, more streams than the hardware prefetcher follows
             const int64_t ahead = std::min<int64_t>(kPrefetch, L.hw - 1 - pos0);
             prefetch(dy + ahead);
             prefetch(dy + L.hw + ahead);
-            prefetch(mask + (base + k) * L.hw + pos0 + ahead);
-            lanes[base - b * dg * L.K + k].fill(T(i * g.dil_h), T(jj * g.dil_w), base_ys, base_xs, dy, dy + L.hw,
-                                                mask + (base + k) * L.hw + pos0, n, int(g.height), int(g.width));
+            prefetch(m + ahead);
+            lanes[grp * L.K + k].fill(T(i * g.dil_h), T(jj * g.dil_w), base_ys, base_xs, dy, dy + L.hw, m, n,
+                                      int(g.height), int(g.width));
           }
         }
       }
@@ -328,7 +329,7 @@ at::Tensor block_of(const at::Tensor& t, const Layout& L, const ColumnBlock& blk
 }
 
 // output (N, C_out, Ho, Wo), conv group grp, at the block's columns <- res (columns, C_out/groups): a
-// transpose in 16 x 16 tiles (a strided ATen copy took as long as the im2col of a deformable group).
+// transpose in 16 x 16 tiles (a strided ATen copy of the same took about half as long as im2col).
 template <typename T>
 void store_block_result(const T* res, const Layout& L, const ColumnBlock& blk, int64_t grp, T* output) {
   constexpr int64_t kTile = 16;
