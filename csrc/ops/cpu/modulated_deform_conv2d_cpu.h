@@ -39,7 +39,8 @@ enum class CpuScratch { kColumns = 0, kGradColumns, kResult, kCount };
 at::Tensor cpu_scratch(CpuScratch slot, int64_t numel, const at::TensorOptions& options);
 
 // The instance the CPU ops run: AVX2 where this build has it, the processor supports AVX2 and FMA, and
-// PyTorch's own CPU capability (ATEN_CPU_CAPABILITY) is at least AVX2; the portable one otherwise.
+// PyTorch's own CPU capability is not DEFAULT (ATEN_CPU_CAPABILITY=default forces both to the
+// portable code); the portable one otherwise.
 const MDConvCpuKernels& mdconv_cpu_kernels();
 
 }  // namespace dcnv2

@@ -25,9 +25,9 @@ const MDConvCpuKernels mdconv_cpu_generic = {"generic", &cpu_generic::mdconv_for
 const MDConvCpuKernels& mdconv_cpu_kernels() {
 #ifdef DCNV2_CPU_AVX2
   static const bool avx2 = [] {
-    const std::string torch_capability = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512"
-    return (torch_capability == "AVX2" || torch_capability == "AVX512") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma");
+    // "DEFAULT", "AVX2", "AVX512", ...: DEFAULT when ATEN_CPU_CAPABILITY=default or the CPU lacks AVX2
+    const std::string torch_capability = at::get_cpu_capability();
+    return torch_capability != "DEFAULT" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
   if (avx2) {
     return mdconv_cpu_avx2;
