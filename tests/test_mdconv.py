@@ -468,6 +468,28 @@ def test_compile_fullgraph_matches_eager(backend):
         assert_same(a, b, 1e-4, 1e-4, f"grad {name}")
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_avx2_cpu_loops_chosen_where_the_cpu_has_avx2():
+    """A Linux x86-64 build carries the AVX2+FMA loops; they must be the ones in use on such a CPU
+    (a build that dropped modulated_deform_conv2d_kernel_avx2.cpp would still pass every value test)."""
+    flags = _cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        pytest.skip("no /proc/cpuinfo with avx2 and fma here: the portable loops are the right choice")
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("ATEN_CPU_CAPABILITY=default selects the portable loops")
+    assert torch.ops.dcnv2._cpu_kernels() == "avx2"
+
+
 def test_portable_cpu_loops_pass_the_op_tests():
     """The CPU loops are compiled twice, portable and AVX2+FMA (csrc/ops/cpu/), and an AVX2 machine runs
     the AVX2 instance; so the op tests run again in a process whose PyTorch CPU capability is DEFAULT,
