@@ -186,7 +186,7 @@ at::Tensor mdconv_forward(const MDConvPrimitives& prim, const at::Tensor& input_
   const at::Tensor weight = weight_.contiguous().view({g.groups, g.out_channels / g.groups, rows_g});
 
   at::Tensor output = at::zeros({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
-  if (g.batch > 0 && g.channels > 0 && g.out_channels > 0) {
+  if (mdconv_has_work(g)) {
     const auto blocks = mdconv_column_blocks(g, input.is_cuda());
     at::Tensor buffer = at::empty({g.channels * taps * mdconv_max_block_columns(blocks)}, input.options());
     for (const ColumnBlock& blk : blocks) {
@@ -235,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdconv_ba
   at::Tensor grad_mask = at::zeros_like(mask);
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options().dtype(acc_dtype));
 
-  if (g.batch > 0 && g.channels > 0 && g.out_channels > 0) {
+  if (mdconv_has_work(g)) {
     const auto blocks = mdconv_column_blocks(g, input.is_cuda());
     const int64_t max_numel = g.channels * taps * mdconv_max_block_columns(blocks);
     at::Tensor col_buffer = at::empty({max_numel}, input.options());

@@ -36,6 +36,11 @@ std::vector<ColumnBlock> mdconv_column_blocks(const ConvGeometry& g, bool cuda);
 // The largest block's column count (sizes the column buffer).
 int64_t mdconv_max_block_columns(const std::vector<ColumnBlock>& blocks);
 
+// Whether there is anything to sample and multiply (otherwise the output is the bias, or zeros).
+inline bool mdconv_has_work(const ConvGeometry& g) {
+  return g.batch > 0 && g.channels > 0 && g.out_channels > 0;
+}
+
 struct MDConvPrimitives {
   // columns (C*kh*kw, blk.nb*blk.np) <- mask * bilinear(input) for the block's columns
   void (*im2col)(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,

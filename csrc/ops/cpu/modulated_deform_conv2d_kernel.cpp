@@ -52,10 +52,6 @@ std::string mdconv_cpu_kernel_name() {
 
 namespace {
 
-bool has_work(const ConvGeometry& g) {
-  return g.batch > 0 && g.channels > 0 && g.out_channels > 0;
-}
-
 void check_cpu_dtype(const at::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "dcnv2.modulated_deform_conv2d: input: expected float32 or float64 on CPU, got ", input.scalar_type(),
@@ -69,11 +65,13 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset_, const
   check_cpu_dtype(input);
   const ConvGeometry g = mdconv_geometry(input, offset_, mask_, weight, bias, stride_h, stride_w, pad_h, pad_w,
                                          dil_h, dil_w, groups, deformable_groups);
-  // every element is written when there is work; zeros (plus the bias) otherwise
-  at::Tensor output = has_work(g) ? at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options())
-                                  : at::zeros({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
-  if (has_work(g)) {
+  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  at::Tensor output;
+  if (mdconv_has_work(g)) {
+    output = at::empty(out_shape, input.options());  // the loops write every element
     mdconv_cpu_kernels().forward(g, input, offset_.contiguous(), mask_.contiguous(), weight, output);
+  } else {
+    output = at::zeros(out_shape, input.options());
   }
   if (bias.has_value() && g.out_channels > 0) {
     output.add_(bias->view({1, g.out_channels, 1, 1}));
@@ -96,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor grad_offset = at::zeros_like(offset);
   at::Tensor grad_mask = at::zeros_like(mask);
   at::Tensor grad_rows_t = at::zeros({g.groups, K * cg, g.out_channels / g.groups}, input.options());
-  if (has_work(g)) {
+  if (mdconv_has_work(g)) {
     mdconv_cpu_kernels().backward(g, grad_output, input, offset, mask, weight, grad_x, grad_offset, grad_mask,
                                   grad_rows_t);
   }
