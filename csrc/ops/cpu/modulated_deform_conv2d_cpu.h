@@ -34,8 +34,9 @@ extern const MDConvCpuKernels mdconv_cpu_avx2;
 // Scratch buffers of the CPU loops, kept per calling thread from one call to the next: the column
 // buffers are megabytes, and a fresh allocation that size (glibc maps it anew) costs one page fault per
 // 4 KB page on every call. They are bounded by the column block budget (mdconv_column_blocks): at most
-// about 2 x 8 MB (float32) or 2 x 16 MB (float64) per thread that ran a backward pass.
-enum class CpuScratch { kColumns = 0, kGradColumns, kResult, kCount };
+// about 2 x 8 MB (float32) or 2 x 16 MB (float64) per thread that ran a backward pass, plus the
+// backward's tap table (32 bytes per column, deformable group and tap).
+enum class CpuScratch { kColumns = 0, kGradColumns, kResult, kTaps, kCount };
 at::Tensor cpu_scratch(CpuScratch slot, int64_t numel, const at::TensorOptions& options);
 
 // The instance the CPU ops run: AVX2 where this build has it, the processor supports AVX2 and FMA, and

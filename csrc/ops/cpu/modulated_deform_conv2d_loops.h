@@ -235,7 +235,9 @@ template <typename T>
 void col2im(const T* grad_columns, const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk,
             T* grad_x) {
   const int64_t cols = blk.nb * blk.np, dg = L.g.deformable_groups;
-  std::vector<Tap<T>> taps(cols * dg * L.K);  // [column][group][tap]
+  // [column][group][tap], every entry written by for_each_tap below
+  const int64_t bytes = cols * dg * L.K * int64_t(sizeof(Tap<T>));
+  Tap<T>* taps = reinterpret_cast<Tap<T>*>(cpu_scratch(CpuScratch::kTaps, bytes, at::kByte).data_ptr());
   for_each_tap(offset, mask, L, blk,
                [&](int64_t j, int64_t, int64_t, int64_t grp, int64_t k, const Corners<T>& c, T m) {
                  Tap<T>& t = taps[(j * dg + grp) * L.K + k];
@@ -264,7 +266,7 @@ void col2im(const T* grad_columns, const T* offset, const T* mask, const Layout&
       const Run& run = *sl.run;
       for (int64_t j = 0; j < cols; ++j) {
         T* img = grad_x + (blk.b0 + j / blk.np) * L.plane * L.C + sl.c0;
-        const Tap<T>* tap = taps.data() + (j * dg + run.dgrp) * L.K;
+        const Tap<T>* tap = taps + (j * dg + run.dgrp) * L.K;
         const T* src_row = grad_columns + j * L.row + (sl.c0 - run.c0);
         for (int64_t k = 0; k < L.K; ++k) {
           const T* src = src_row + L.column_offset(run, k);
