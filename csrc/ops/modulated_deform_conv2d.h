@@ -37,8 +37,11 @@ std::vector<ColumnBlock> mdconv_column_blocks(const ConvGeometry& g, bool cuda);
 int64_t mdconv_max_block_columns(const std::vector<ColumnBlock>& blocks);
 
 // Whether there is anything to sample and multiply (otherwise the output is the bias, or zeros).
+// An input of height or width 0 (with enough padding for a non-empty output) has no pixel to read:
+// every sample is outside the map and reads 0, so the output is the bias and every gradient is 0.
+// The kernels read plane[0] with weight 0 for such samples, which an empty plane does not have.
 inline bool mdconv_has_work(const ConvGeometry& g) {
-  return g.batch > 0 && g.channels > 0 && g.out_channels > 0;
+  return g.batch > 0 && g.channels > 0 && g.out_channels > 0 && g.height > 0 && g.width > 0;
 }
 
 struct MDConvPrimitives {
