@@ -20,6 +20,19 @@ def add_dcnv2_config(cfg):
     # Hidden width of the offset_fc and mask_fc branches (MMCV's deform_fc_channels).
     cfg.MODEL.ROI_BOX_HEAD.MDPOOL.DEFORM_FC_DIM = 1024
 
+    # R-CNN feature mimicking (DCNv2 paper, Section 3.3), training only; see docs/mimic.md.
+    cfg.MODEL.ROI_BOX_HEAD.MIMIC = CN()
+    # On/off (needs META_ARCHITECTURE "MimicRCNN" and ROI heads "MDPoolROIHeads"/"MimicROIHeads").
+    cfg.MODEL.ROI_BOX_HEAD.MIMIC.ENABLED = False
+    # Foreground RoIs sampled per image for the R-CNN branch (the paper's 32).
+    cfg.MODEL.ROI_BOX_HEAD.MIMIC.ROIS_PER_IMAGE = 32
+    # Side in pixels of the square crop each RoI is resized to (the paper's 224).
+    cfg.MODEL.ROI_BOX_HEAD.MIMIC.CROP_SIZE = 224
+    # Weight of loss_mimic, the cosine mimic loss (the paper's 0.1).
+    cfg.MODEL.ROI_BOX_HEAD.MIMIC.LOSS_WEIGHT = 0.1
+    # Weight of loss_mimic_cls, the R-CNN branch's own classification loss (the paper's 0.1).
+    cfg.MODEL.ROI_BOX_HEAD.MIMIC.CLS_LOSS_WEIGHT = 0.1
+
 
 def load_dcnv2_config(config_file, opts=(), score_thresh_test=None):
     """A frozen config (train_net.py and the tools): Detectron2 defaults + DCNv2 keys + the

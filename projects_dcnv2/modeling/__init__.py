@@ -1,6 +1,7 @@
 """Detectron2 modules built on the DCNv2 ops. Importing this package registers
-``build_dcnv2_resnet_backbone`` / ``build_dcnv2_resnet_fpn_backbone`` in ``BACKBONE_REGISTRY``
-and ``MDPoolROIHeads`` in ``ROI_HEADS_REGISTRY``."""
+``build_dcnv2_resnet_backbone`` / ``build_dcnv2_resnet_fpn_backbone`` in ``BACKBONE_REGISTRY``,
+``MDPoolROIHeads`` and ``MimicROIHeads`` in ``ROI_HEADS_REGISTRY`` and ``MimicRCNN`` (R-CNN feature
+mimicking) in ``META_ARCH_REGISTRY``."""
 
 from .backbone import (
     ModulatedDeformBasicBlock,
@@ -8,8 +9,9 @@ from .backbone import (
     build_dcnv2_resnet_backbone,
     build_dcnv2_resnet_fpn_backbone,
 )
+from .mimic import MimicRCNN, RCNNMimicBranch
 from .poolers import MDPoolROIPooler
-from .roi_heads import MDPoolROIHeads
+from .roi_heads import MDPoolROIHeads, MimicROIHeads
 
 __all__ = [
     "ModulatedDeformBasicBlock",
@@ -18,4 +20,7 @@ __all__ = [
     "build_dcnv2_resnet_fpn_backbone",
     "MDPoolROIPooler",
     "MDPoolROIHeads",
+    "MimicRCNN",
+    "MimicROIHeads",
+    "RCNNMimicBranch",
 ]
