@@ -18,6 +18,7 @@ the two, far-outside offsets included).
 ``docs/deploy.md``): exporting a model that uses it raises :class:`UnsupportedOperatorError`. Such
 models deploy through ``torch.export`` / AOTInductor, which keep our operator.
 """
+
 import io
 import os
 from typing import Any, Optional, Union
@@ -62,8 +63,21 @@ def _check_opset(opset_version: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Dynamo exporter: onnxscript translations
-def _mdconv_to_onnx(input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                    groups, deformable_groups):
+def _mdconv_to_onnx(
+    input,
+    offset,
+    mask,
+    weight,
+    bias,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    groups,
+    deformable_groups,
+):
     from onnxscript import opset19
 
     return opset19.DeformConv(
@@ -91,8 +105,22 @@ def _register_torchscript_symbolics() -> None:
     from torch.onnx import register_custom_op_symbolic, symbolic_helper
 
     @symbolic_helper.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i")
-    def mdconv_symbolic(g, input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                        groups, deformable_groups):
+    def mdconv_symbolic(
+        g,
+        input,
+        offset,
+        mask,
+        weight,
+        bias,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dil_h,
+        dil_w,
+        groups,
+        deformable_groups,
+    ):
         if symbolic_helper._is_none(bias):
             bias = symbolic_helper._optional_input_placeholder_tensor(g)
         return g.op(
@@ -171,16 +199,25 @@ def export_onnx(
     _check_opset(opset_version)
     if isinstance(model, torch.export.ExportedProgram):
         if dynamic_shapes is not None:
-            raise ValueError("dynamic_shapes: give them to torch.export.export, not with an ExportedProgram")
+            raise ValueError(
+                "dynamic_shapes: give them to torch.export.export, not with an ExportedProgram"
+            )
         program = model
     else:
-        program = torch.export.export(model, tuple(args), dynamic_shapes=dynamic_shapes, strict=False)
+        program = torch.export.export(
+            model, tuple(args), dynamic_shapes=dynamic_shapes, strict=False
+        )
     if _uses(program, _MDPOOL):
         raise UnsupportedOperatorError(_MDPOOL_MESSAGE)
     table = {**ONNX_TRANSLATIONS, **kwargs.pop("custom_translation_table", {})}
     kwargs.setdefault("verbose", False)
     onnx_program = torch.onnx.export(
-        program, (), dynamo=True, opset_version=opset_version, custom_translation_table=table, **kwargs
+        program,
+        (),
+        dynamo=True,
+        opset_version=opset_version,
+        custom_translation_table=table,
+        **kwargs,
     )
     model_proto = fix_ir_version(onnx_program.model_proto)
     onnx.checker.check_model(model_proto)
