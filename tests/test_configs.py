@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY, build_model
+from detectron2.modeling import (
+    BACKBONE_REGISTRY,
+    META_ARCH_REGISTRY,
+    ROI_HEADS_REGISTRY,
+    build_model,
+)
 
 import projects_dcnv2  # noqa: F401  (registers the builders)
 from projects_dcnv2 import add_dcnv2_config
@@ -29,6 +34,7 @@ def test_import_registers_builders():
     assert "build_dcnv2_resnet_backbone" in BACKBONE_REGISTRY
     assert "build_dcnv2_resnet_fpn_backbone" in BACKBONE_REGISTRY
     assert "MDPoolROIHeads" in ROI_HEADS_REGISTRY
+    assert "MimicROIHeads" in ROI_HEADS_REGISTRY and "MimicRCNN" in META_ARCH_REGISTRY
 
 
 def test_add_dcnv2_config_adds_only_new_keys():
@@ -37,7 +43,9 @@ def test_add_dcnv2_config_adds_only_new_keys():
     add_dcnv2_config(cfg)
     assert cfg.MODEL.ROI_BOX_HEAD.MDPOOL.GAMMA == 0.1
     assert cfg.MODEL.ROI_BOX_HEAD.MDPOOL.DEFORM_FC_DIM == 1024
+    assert cfg.MODEL.ROI_BOX_HEAD.MIMIC.ENABLED is False
     del cfg.MODEL.ROI_BOX_HEAD["MDPOOL"]
+    del cfg.MODEL.ROI_BOX_HEAD["MIMIC"]
     assert cfg == before
 
 
@@ -49,6 +57,8 @@ def test_every_seed_config_is_present():
         "mask_rcnn_R50_FPN_mdconv_shapes.yaml",
         "mask_rcnn_R50_FPN_shapes.yaml",
         "faster_rcnn_R50_FPN_mdpool_shapes.yaml",
+        "mask_rcnn_R50_FPN_dcnv2_shapes.yaml",
+        "mask_rcnn_R50_FPN_dcnv2_mimic_shapes.yaml",
     } <= quick
 
 
