@@ -44,7 +44,6 @@ from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.export import TracingAdapter
 from detectron2.modeling import GeneralizedRCNN, build_model
-from detectron2.structures import ImageList
 
 from projects_dcnv2 import load_dcnv2_config  # (the import registers the components)
 from projects_dcnv2.checkpoint import DCNv2Checkpointer
