@@ -10,10 +10,11 @@
 # test files), GPU_CHECK_REPEAT (benchmark rounds, default 30). Targets about 6 minutes on one H200.
 set -uo pipefail
 out=${1:?usage: tools/gpu_check.sh OUTDIR}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# the package is used from the source tree (built in place), not installed
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 summary="$out/summary.txt"
 : >"$summary"
 
