@@ -16,16 +16,17 @@ import pytest
 import torch
 import torchvision
 
-import projects_dcnv2  # noqa: F401  (registers the backbones / ROI heads)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
+import projects_dcnv2  # noqa: F401  (registers the backbones / ROI heads)
 from projects_dcnv2 import add_dcnv2_config
 from projects_dcnv2.checkpoint import (
     CheckpointMismatchError,
     DCNv2Checkpointer,
     check_checkpoint_fits,
+    convert_checkpoint,
     convert_d2_to_mmdet,
     convert_mmdet_to_d2,
     convert_torchvision_to_d2,
@@ -278,41 +279,128 @@ def test_full_size_export_has_mmdetection_layout(full_mask_mdconv):
     assert got == mmdet_r50_fpn_layout(mask=True)
 
 
-def test_full_size_mmdet_checkpoint_loads(full_mask_mdconv, tmp_path):
-    """A random checkpoint with MMDetection's layout (legacy serialisation, module metadata, meta)
-    loads onto the full-size model, every tensor in its place."""
-    checkpoint = random_checkpoint(mmdet_r50_fpn_layout(mask=True))
-    path = save(checkpoint, tmp_path / "mask_rcnn_r50_fpn_mdconv_c3-c5_1x_coco.pth", legacy=True)
-    checkpointer = DCNv2Checkpointer(full_mask_mdconv)
+LAYOUTS = {  # the MMDetection model behind each seed config
+    "faster_rcnn_R50_FPN_mdconv": dict(dg=1),
+    "faster_rcnn_R50_FPN_mdconv_dg4": dict(dg=4),
+    "faster_rcnn_R50_FPN_mdpool": dict(dcn=False, mdpool=True),
+    "mask_rcnn_R50_FPN_mdconv": dict(mask=True),
+    "mask_rcnn_R50_FPN_mdconv_fp16": dict(mask=True),
+}
+
+
+def d2_name(mm_key):
+    """The Detectron2 name of an MMDetection key, spelled out from the two module trees
+    (docs/semantics.md, "MMDetection checkpoints"), independently of the package's rule table."""
+    bottom_up = "backbone.bottom_up."
+    parts = mm_key.split(".")
+    if parts[0] == "backbone":
+        if parts[1] == "conv1":
+            return bottom_up + "stem.conv1.weight"
+        if parts[1] == "bn1":
+            return bottom_up + "stem.conv1.norm." + parts[2]
+        stage, block, rest = "res%d" % (int(parts[1][len("layer") :]) + 1), parts[2], parts[3:]
+        if rest[0] == "downsample":
+            rest = ["shortcut"] + (["norm"] if rest[1] == "1" else []) + rest[2:]
+        elif rest[0].startswith("bn"):
+            rest = ["conv" + rest[0][len("bn") :], "norm"] + rest[1:]
+        elif rest[:2] == ["conv2", "conv_offset"]:
+            rest = ["conv2_offset"] + rest[2:]
+        return bottom_up + ".".join([stage, block] + rest)
+    if parts[0] == "neck":
+        kind = {"lateral_convs": "fpn_lateral", "fpn_convs": "fpn_output"}[parts[1]]
+        return f"backbone.{kind}{int(parts[2]) + 2}.{parts[-1]}"
+    if parts[0] == "rpn_head":
+        kind = {"rpn_conv": "conv", "rpn_cls": "objectness_logits", "rpn_reg": "anchor_deltas"}
+        return f"proposal_generator.rpn_head.{kind[parts[1]]}.{parts[2]}"
+    head, rest = parts[1], parts[2:]
+    if head == "bbox_head" and rest[0] == "shared_fcs":
+        return f"roi_heads.box_head.fc{int(rest[1]) + 1}.{rest[2]}"
+    if head == "bbox_head":
+        return f"roi_heads.box_predictor.{dict(fc_cls='cls_score', fc_reg='bbox_pred')[rest[0]]}.{rest[1]}"
+    if head == "mask_head" and rest[0] == "convs":
+        return f"roi_heads.mask_head.mask_fcn{int(rest[1]) + 1}.{rest[-1]}"
+    if head == "mask_head":
+        return f"roi_heads.mask_head.{dict(upsample='deconv', conv_logits='predictor')[rest[0]]}.{rest[1]}"
+    assert head == "bbox_roi_extractor" and rest[0] == "roi_layers", mm_key
+    return "roi_heads.box_pooler.level_poolers." + ".".join(rest[1:])
+
+
+@pytest.mark.parametrize("name", SEED_CONFIGS)
+def test_full_size_mmdet_checkpoint_loads(name, full_mask_mdconv, tmp_path):
+    """A random checkpoint with MMDetection's layout of each seed config (legacy serialisation,
+    module metadata, meta) loads onto the full-size model: every model tensor is the checkpoint
+    tensor of the independently derived name, nothing is left at its initialisation."""
+    if name == "mask_rcnn_R50_FPN_mdconv":
+        model = full_mask_mdconv
+    else:
+        torch.manual_seed(0)
+        model = build_model(make_cfg(name, "MODEL.DEVICE", "cpu")).eval()
+    layout = LAYOUTS[name]
+    checkpoint = random_checkpoint(mmdet_r50_fpn_layout(**layout))
+    path = save(checkpoint, tmp_path / f"{name}.pth", legacy=True)
+    checkpointer = DCNv2Checkpointer(model)
     checkpointer.load(path)
-    state = full_mask_mdconv.state_dict()
-    mm = checkpoint["state_dict"]
-    assert torch.equal(
-        state["backbone.bottom_up.res3.0.conv2_offset.weight"],
-        mm["backbone.layer2.0.conv2.conv_offset.weight"],
-    )
-    assert torch.equal(
-        state["backbone.bottom_up.res5.2.conv3.norm.running_var"],
-        mm["backbone.layer4.2.bn3.running_var"],
-    )
-    assert torch.equal(
-        state["roi_heads.box_predictor.cls_score.bias"], mm["roi_head.bbox_head.fc_cls.bias"]
-    )
-    assert torch.equal(
-        state["roi_heads.mask_head.deconv.weight"], mm["roi_head.mask_head.upsample.weight"]
-    )
-    inverse = convert_d2_to_mmdet(state)["state_dict"]
+
+    state = model.state_dict()
+    mm = {
+        k: v for k, v in checkpoint["state_dict"].items() if not k.endswith("num_batches_tracked")
+    }
+    assert {d2_name(k) for k in mm} == set(state)
     for k, v in mm.items():
-        if not k.endswith("num_batches_tracked"):
-            assert torch.equal(inverse[k], v), k
-    assert checkpointer.report.counts == {
+        assert torch.equal(state[d2_name(k)], v), k
+    mask, mdpool, dcn = (
+        layout.get("mask", False),
+        layout.get("mdpool", False),
+        layout.get("dcn", True),
+    )
+    expected_counts = {
         "backbone": 265,
-        "offset convs": 26,
+        "offset convs": 26 if dcn else 0,
         "fpn": 16,
         "rpn": 6,
         "box head": 8,
-        "mask head": 12,
+        "mask head": 12 if mask else 0,
+        "mdpool": 40 if mdpool else 0,
     }
+    assert checkpointer.report.counts == {c: n for c, n in expected_counts.items() if n}
+    assert checkpointer.report.not_loaded == {}
+
+
+def test_convert_checkpoint_detects_each_format(exported, tmp_path):
+    """One entry point for every file content: MMDetection and torchvision are converted, a
+    projects_dcnv2 pickle is counted, a Detectron2 checkpoint is passed through untouched."""
+    model_state = build_small("faster_rcnn_R50_FPN_mdconv", 12).state_dict()
+    mm = torch.load(exported("faster_rcnn_R50_FPN_mdconv"), weights_only=True)
+    state, report = convert_checkpoint(mm, model_state, name="a.pth")
+    assert report.source == "MMDetection" and report.name == "a.pth" and report.not_loaded == {}
+    assert state.keys() == model_state.keys()
+
+    exported_state = convert_d2_to_mmdet(model_state)["state_dict"].items()
+    torchvision_like = {  # the plain ResNet, torchvision's names
+        k[len("backbone.") :]: v
+        for k, v in exported_state
+        if k.startswith("backbone.") and ".conv_offset." not in k
+    }
+    state, report = convert_checkpoint(torchvision_like, model_state)
+    assert report.source == "torchvision" and report.not_loaded["offset convs"] == 26
+    assert set(report.not_loaded_keys) == set(model_state) - set(state)
+
+    pickled = {
+        "model": {k: v.numpy() for k, v in model_state.items()},
+        "__author__": "projects_dcnv2",
+    }
+    state, report = convert_checkpoint(pickled, model_state)
+    assert state is pickled["model"] and report.counts["offset convs"] == 26
+
+    detectron2_file = {"model": model_state, "iteration": 5}
+    assert convert_checkpoint(detectron2_file, model_state) == (detectron2_file, None)
+
+    with pytest.raises(CheckpointMismatchError, match="dg4.pth does not fit"):
+        convert_checkpoint(
+            torch.load(exported("faster_rcnn_R50_FPN_mdconv_dg4"), weights_only=True),
+            model_state,
+            name="dg4.pth",
+        )
 
 
 # ------------------------------------------------------------------------------------------------

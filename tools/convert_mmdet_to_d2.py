@@ -23,17 +23,7 @@ import torch
 
 from detectron2.utils.file_io import PathManager
 
-from projects_dcnv2.checkpoint import (
-    AUTHOR,
-    CheckpointMismatchError,
-    check_checkpoint_fits,
-    checkpoint_scope,
-    convert_mmdet_to_d2,
-    convert_torchvision_to_d2,
-    find_bottom_up_prefix,
-    guess_format,
-)
-from projects_dcnv2.checkpoint.convert import BOTTOM_UP
+from projects_dcnv2.checkpoint import AUTHOR, CheckpointMismatchError, convert_checkpoint
 
 
 def parse_args(argv=None):
@@ -54,15 +44,11 @@ def parse_args(argv=None):
 
 def build_model_state(config_file, opts):
     """State dict of the model built from a config (on the CPU)."""
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from projects_dcnv2 import add_dcnv2_config
+    from projects_dcnv2 import load_dcnv2_config
 
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts) + ["MODEL.DEVICE", "cpu"])
+    cfg = load_dcnv2_config(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
     return build_model(cfg).state_dict()
 
 
@@ -75,30 +61,15 @@ def main(argv=None):
         )
     local = PathManager.get_local_path(args.input)
     checkpoint = torch.load(local, map_location="cpu", weights_only=not args.trust_pickle)
-    fmt = guess_format(checkpoint) if isinstance(checkpoint, Mapping) else None
-    if fmt is None:
+    model_state = build_model_state(args.config_file, args.opts) if args.config_file else None
+    state_dict, report = (None, None)
+    if isinstance(checkpoint, Mapping):
+        state_dict, report = convert_checkpoint(checkpoint, model_state, name=args.input)
+    if report is None or report.source not in ("MMDetection", "torchvision"):
         raise ValueError(
             f"{args.input} is neither an MMDetection R-50-FPN checkpoint (backbone.layer*, neck.*, "
             "rpn_head.*, roi_head.*) nor a torchvision ResNet (conv1.*, layer*.*, fc.*)"
         )
-
-    model_state, prefix = None, BOTTOM_UP
-    if args.config_file:
-        model_state = build_model_state(args.config_file, args.opts)
-        prefix = find_bottom_up_prefix(model_state)
-        if prefix is None:
-            raise CheckpointMismatchError(f"the model of {args.config_file} has no ResNet stem")
-    convert = convert_mmdet_to_d2 if fmt == "mmdet" else convert_torchvision_to_d2
-    state_dict, report = convert(checkpoint, bottom_up_prefix=prefix)
-    if model_state is not None:
-        expected_missing = check_checkpoint_fits(
-            state_dict,
-            model_state,
-            scope=checkpoint_scope(state_dict, prefix),
-            bottom_up_prefix=prefix,
-            name=args.input,
-        )
-        report.not_loaded = {c: len(keys) for c, keys in expected_missing.items()}
     print(report.summary())
     if model_state is not None:
         print(f"fits the model of {args.config_file}")

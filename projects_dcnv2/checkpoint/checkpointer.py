@@ -25,28 +25,17 @@ a process killed while saving leaves the previous checkpoint and ``last_checkpoi
 import os
 import pickle
 import uuid
-from typing import Any, Callable, IO, Mapping
+from typing import IO, Any, Callable, Mapping
 
 import torch
-
 from iopath.common.file_io import PathHandler
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-from .convert import (
-    ConversionReport,
-    component_of,
-    convert_mmdet_to_d2,
-    convert_torchvision_to_d2,
-    find_bottom_up_prefix,
-    guess_format,
-)
-from .validate import CheckpointMismatchError, check_checkpoint_fits, checkpoint_scope
+from .pipeline import AUTHOR, convert_checkpoint
 
 __all__ = ["AUTHOR", "DCNv2Checkpointer", "TorchvisionHandler", "atomic_write", "torchvision_url"]
-
-AUTHOR = "projects_dcnv2"  # "__author__" of the pickles written by tools/convert_mmdet_to_d2.py
 
 
 def torchvision_url(name: str) -> str:
@@ -160,16 +149,10 @@ class DCNv2Checkpointer(DetectionCheckpointer):
             lambda f: f.write(last_filename_basename.encode()),
         )
 
-    def _bottom_up_prefix(self) -> str:
-        prefix = find_bottom_up_prefix(self.model.state_dict().keys())
-        if prefix is not None:
-            return prefix
-        raise CheckpointMismatchError(
-            "the model has no ResNet stem (no '*stem.conv1.weight' parameter), so MMDetection / "
-            "torchvision ResNet weights have nowhere to go"
-        )
-
     def _load_file(self, filename):
+        """Detectron2's loader, then :func:`convert_checkpoint`: ``self.report`` is its report
+        (None for a Detectron2 checkpoint, returned as loaded)."""
+        self.report = None
         try:
             loaded = super()._load_file(filename)
         except pickle.UnpicklingError as e:
@@ -181,62 +164,34 @@ class DCNv2Checkpointer(DetectionCheckpointer):
                 f"`python tools/convert_mmdet_to_d2.py {filename} OUT.pkl --trust-pickle` and set "
                 "MODEL.WEIGHTS to OUT.pkl."
             ) from e
-        if filename.endswith(".pkl"):
-            if loaded.get("__author__") == AUTHOR:
-                loaded["__dcnv2__"] = {"name": filename, "report": None}
+        # Detectron2 wraps a .pth without a "model" entry (any non-Detectron2 file) as {"model": ...}.
+        raw = loaded if filename.endswith(".pkl") else loaded.get("model")
+        if not isinstance(raw, Mapping):
             return loaded
-        content = loaded.get("model")
-        fmt = guess_format(content) if isinstance(content, Mapping) else None
-        if fmt is None:
-            if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
-                raise CheckpointMismatchError(
-                    f"{filename} is an MMCV-style checkpoint ({{'state_dict': ...}}) but its keys are "
-                    "neither MMDetection R-50-FPN R-CNN keys (backbone.layer*, neck.*, rpn_head.*, "
-                    "roi_head.*) nor a torchvision ResNet (conv1.*, layer*.*, fc.*): "
-                    f"{list(content['state_dict'])[:5]}"
-                )
-            return loaded  # a Detectron2 checkpoint
-        convert = convert_mmdet_to_d2 if fmt == "mmdet" else convert_torchvision_to_d2
-        state_dict, report = convert(content, bottom_up_prefix=self._bottom_up_prefix())
-        author = "MMDetection" if fmt == "mmdet" else "torchvision"
-        article = "an" if fmt == "mmdet" else "a"
+        state_dict, report = convert_checkpoint(raw, self.model.state_dict(), name=filename)
+        if report is None or report.source == f"{AUTHOR} pickle":
+            self.report = report
+            return loaded  # Detectron2 names already
+        article = "an" if report.source == "MMDetection" else "a"
         self.logger.info(
-            f"Reading {filename} as {article} {author} checkpoint; converting its keys"
+            f"Reading {filename} as {article} {report.source} checkpoint; converting its keys"
         )
+        self.report = report
         return {
             "model": state_dict,
-            "__author__": f"{author} (converted by {AUTHOR})",
+            "__author__": f"{report.source} (converted by {AUTHOR})",
             "matching_heuristics": False,
-            "__dcnv2__": {"name": filename, "report": report},
         }
 
     def _load_model(self, checkpoint):
-        info = checkpoint.pop("__dcnv2__", None)
-        if info is None:
-            self.report = None
-            return super()._load_model(checkpoint)
-        state_dict = checkpoint["model"]
-        self._convert_ndarray_to_tensor(state_dict)
-        prefix = self._bottom_up_prefix()
-        report = info["report"]
-        if report is None:  # a pickle from tools/convert_mmdet_to_d2.py
-            report = ConversionReport(source=f"{AUTHOR} pickle")
-            for k in state_dict:
-                c = component_of(k, prefix)
-                report.counts[c] = report.counts.get(c, 0) + 1
-        expected_missing = check_checkpoint_fits(
-            state_dict,
-            self.model.state_dict(),
-            scope=checkpoint_scope(state_dict, prefix),
-            bottom_up_prefix=prefix,
-            name=info["name"],
-        )
-        report.not_loaded = {c: len(keys) for c, keys in expected_missing.items()}
+        """Detectron2's ``_load_model``; after a converted load, the keys the report says stay at
+        their initialisation are not listed as missing."""
         incompatible = super()._load_model(checkpoint)
-        if incompatible.unexpected_keys or incompatible.incorrect_shapes:  # ruled out above
+        if self.report is None:
+            return incompatible
+        if incompatible.unexpected_keys or incompatible.incorrect_shapes:  # ruled out by the check
             raise RuntimeError(f"unexpected load result after validation: {incompatible}")
-        expected = {k for keys in expected_missing.values() for k in keys}
+        expected = set(self.report.not_loaded_keys)
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in expected]
-        self.report = report
-        self.logger.info(f"Loaded {info['name']}:\n{report.summary()}")
+        self.logger.info(f"Loaded {self.report.name}:\n{self.report.summary()}")
         return incompatible

@@ -41,13 +41,29 @@ _LEAF = r"(?P<p>weight|bias|running_mean|running_var)"
 
 class _Rule:
     """One name pattern, in MMDetection / torchvision spelling (``mm``) and in Detectron2's
-    (``d2``). ``shift[f]`` is added to integer field ``f`` going mm -> d2."""
+    (``d2``), and the report component (one of :data:`COMPONENTS`) its keys belong to.
+    ``shift[f]`` is added to integer field ``f`` going mm -> d2. ``legacy``: MMCV's old offset
+    naming, read but not written by default; ``class_specific``: one row per class (dimension 0
+    depends on the number of classes)."""
 
     def __init__(
-        self, mm: str, d2: str, shift: Optional[Dict[str, int]] = None, legacy: bool = False
+        self,
+        mm: str,
+        d2: str,
+        component: str,
+        shift: Optional[Dict[str, int]] = None,
+        *,
+        legacy: bool = False,
+        class_specific: bool = False,
     ):
-        self.mm, self.d2, self.shift, self.legacy = mm, d2, shift or {}, legacy
+        if component not in COMPONENTS:
+            raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+        self.mm, self.d2, self.component, self.shift = mm, d2, component, shift or {}
+        self.legacy, self.class_specific = legacy, class_specific
         self._mm_re, self._d2_re = _compile(mm), _compile(d2)
+
+    def matches_d2(self, key: str) -> bool:
+        return self.to_mm(key) is not None
 
     def to_d2(self, key: str) -> Optional[str]:
         return self._apply(self._mm_re, self.d2, key, +1)
@@ -81,59 +97,99 @@ def _compile(template: str):
 # ResNet, relative to "backbone." (MMDetection) / "" (torchvision) and to the bottom-up prefix
 # (Detectron2). s = stage (layer1..4 -> res2..5), b = block, k = conv index.
 _RESNET_RULES = [
-    _Rule("conv1.weight", "stem.conv1.weight"),
-    _Rule("bn1.{p}", "stem.conv1.norm.{p}"),
-    _Rule("layer{s}.{b}.conv{k}.weight", "res{s}.{b}.conv{k}.weight", {"s": 1}),
-    _Rule("layer{s}.{b}.bn{k}.{p}", "res{s}.{b}.conv{k}.norm.{p}", {"s": 1}),
-    _Rule("layer{s}.{b}.downsample.0.weight", "res{s}.{b}.shortcut.weight", {"s": 1}),
-    _Rule("layer{s}.{b}.downsample.1.{p}", "res{s}.{b}.shortcut.norm.{p}", {"s": 1}),
+    _Rule("conv1.weight", "stem.conv1.weight", "backbone"),
+    _Rule("bn1.{p}", "stem.conv1.norm.{p}", "backbone"),
+    _Rule("layer{s}.{b}.conv{k}.weight", "res{s}.{b}.conv{k}.weight", "backbone", {"s": 1}),
+    _Rule("layer{s}.{b}.bn{k}.{p}", "res{s}.{b}.conv{k}.norm.{p}", "backbone", {"s": 1}),
+    _Rule("layer{s}.{b}.downsample.0.weight", "res{s}.{b}.shortcut.weight", "backbone", {"s": 1}),
+    _Rule("layer{s}.{b}.downsample.1.{p}", "res{s}.{b}.shortcut.norm.{p}", "backbone", {"s": 1}),
     # DCNv2 offset/mask conv: MMCV >= v2 Pack naming, and the legacy sibling "<conv>_offset".
-    _Rule("layer{s}.{b}.conv2.conv_offset.{p}", "res{s}.{b}.conv2_offset.{p}", {"s": 1}),
-    _Rule("layer{s}.{b}.conv2_offset.{p}", "res{s}.{b}.conv2_offset.{p}", {"s": 1}, legacy=True),
-]
+    _Rule("layer{s}.{b}.conv2.conv_offset.{p}", "res{s}.{b}.conv2_offset.{p}", "offset convs", {"s": 1}),
+    _Rule(
+        "layer{s}.{b}.conv2_offset.{p}", "res{s}.{b}.conv2_offset.{p}", "offset convs", {"s": 1},
+        legacy=True,
+    ),
+]  # fmt: skip
 
 # Everything after the ResNet; absolute names on both sides.
 _HEAD_RULES = [
     # FPN: input levels 0..3 (res2..res5) -> fpn_{lateral,output}{2..5}.
-    _Rule("neck.lateral_convs.{i}.conv.{p}", "backbone.fpn_lateral{i}.{p}", {"i": 2}),
-    _Rule("neck.fpn_convs.{i}.conv.{p}", "backbone.fpn_output{i}.{p}", {"i": 2}),
-    _Rule("rpn_head.rpn_conv.{p}", "proposal_generator.rpn_head.conv.{p}"),
-    _Rule("rpn_head.rpn_cls.{p}", "proposal_generator.rpn_head.objectness_logits.{p}"),
-    _Rule("rpn_head.rpn_reg.{p}", "proposal_generator.rpn_head.anchor_deltas.{p}"),
-    _Rule("roi_head.bbox_head.shared_fcs.{i}.{p}", "roi_heads.box_head.fc{i}.{p}", {"i": 1}),
-    _Rule("roi_head.bbox_head.fc_cls.{p}", "roi_heads.box_predictor.cls_score.{p}"),
-    _Rule("roi_head.bbox_head.fc_reg.{p}", "roi_heads.box_predictor.bbox_pred.{p}"),
-    _Rule("roi_head.mask_head.convs.{i}.conv.{p}", "roi_heads.mask_head.mask_fcn{i}.{p}", {"i": 1}),
-    _Rule("roi_head.mask_head.upsample.{p}", "roi_heads.mask_head.deconv.{p}"),
-    _Rule("roi_head.mask_head.conv_logits.{p}", "roi_heads.mask_head.predictor.{p}"),
+    _Rule("neck.lateral_convs.{i}.conv.{p}", "backbone.fpn_lateral{i}.{p}", "fpn", {"i": 2}),
+    _Rule("neck.fpn_convs.{i}.conv.{p}", "backbone.fpn_output{i}.{p}", "fpn", {"i": 2}),
+    _Rule("rpn_head.rpn_conv.{p}", "proposal_generator.rpn_head.conv.{p}", "rpn"),
+    _Rule("rpn_head.rpn_cls.{p}", "proposal_generator.rpn_head.objectness_logits.{p}", "rpn"),
+    _Rule("rpn_head.rpn_reg.{p}", "proposal_generator.rpn_head.anchor_deltas.{p}", "rpn"),
+    _Rule("roi_head.bbox_head.shared_fcs.{i}.{p}", "roi_heads.box_head.fc{i}.{p}", "box head", {"i": 1}),
+    _Rule(
+        "roi_head.bbox_head.fc_cls.{p}", "roi_heads.box_predictor.cls_score.{p}", "box head",
+        class_specific=True,
+    ),
+    _Rule(
+        "roi_head.bbox_head.fc_reg.{p}", "roi_heads.box_predictor.bbox_pred.{p}", "box head",
+        class_specific=True,
+    ),
+    _Rule("roi_head.mask_head.convs.{i}.conv.{p}", "roi_heads.mask_head.mask_fcn{i}.{p}", "mask head", {"i": 1}),
+    _Rule("roi_head.mask_head.upsample.{p}", "roi_heads.mask_head.deconv.{p}", "mask head"),
+    _Rule(
+        "roi_head.mask_head.conv_logits.{p}", "roi_heads.mask_head.predictor.{p}", "mask head",
+        class_specific=True,
+    ),
     # mdpool: one ModulatedDeformRoIPoolPack per FPN level l, nn.Sequential indices j kept.
     _Rule(
         "roi_head.bbox_roi_extractor.roi_layers.{l}.offset_fc.{j}.{p}",
         "roi_heads.box_pooler.level_poolers.{l}.offset_fc.{j}.{p}",
+        "mdpool",
     ),
     _Rule(
         "roi_head.bbox_roi_extractor.roi_layers.{l}.mask_fc.{j}.{p}",
         "roi_heads.box_pooler.level_poolers.{l}.mask_fc.{j}.{p}",
+        "mdpool",
     ),
-]
+]  # fmt: skip
+
+
+def _literal_prefix(template: str) -> str:
+    return template.split("{", 1)[0]
+
+
+# Where each format keeps its keys, derived from the rules (used to recognise a file's format).
+_MMDET_PREFIXES = tuple(
+    sorted(
+        {"backbone." + _literal_prefix(r.mm) for r in _RESNET_RULES}
+        | {r.mm.split(".", 1)[0] + "." for r in _HEAD_RULES}
+    )
+)
+_TORCHVISION_PREFIXES = tuple(sorted({_literal_prefix(r.mm) for r in _RESNET_RULES} | {"fc."}))
+# Detectron2 module prefix -> component, for keys no rule names (e.g. a GroupNorm box head).
+_D2_MODULES = {
+    _literal_prefix(".".join(r.d2.split(".")[:2]) + "."): r.component for r in _HEAD_RULES
+}
+_D2_PREFIXES = (BOTTOM_UP,) + tuple(_D2_MODULES)
+
+
+def rule_of(d2_key: str, bottom_up_prefix: str = BOTTOM_UP) -> Optional[_Rule]:
+    """The rule that names a Detectron2 key of one of this project's models, or None."""
+    if d2_key.startswith(bottom_up_prefix):
+        resnet_key = d2_key[len(bottom_up_prefix) :]
+        for rule in _RESNET_RULES:
+            if rule.matches_d2(resnet_key):
+                return rule
+    for rule in _HEAD_RULES:
+        if rule.matches_d2(d2_key):
+            return rule
+    return None
 
 
 def component_of(d2_key: str, bottom_up_prefix: str = BOTTOM_UP) -> str:
     """The report bucket of a Detectron2 key: one of :data:`COMPONENTS`, or "other"."""
-    if ".conv2_offset." in d2_key:
-        return "offset convs"
+    rule = rule_of(d2_key, bottom_up_prefix)
+    if rule is not None:
+        return rule.component
     if d2_key.startswith(bottom_up_prefix):
         return "backbone"
-    if d2_key.startswith("backbone.fpn_"):
-        return "fpn"
-    if d2_key.startswith("proposal_generator."):
-        return "rpn"
-    if d2_key.startswith("roi_heads.box_pooler."):
-        return "mdpool"
-    if d2_key.startswith(("roi_heads.box_head.", "roi_heads.box_predictor.")):
-        return "box head"
-    if d2_key.startswith("roi_heads.mask_head."):
-        return "mask head"
+    for prefix, component in _D2_MODULES.items():
+        if d2_key.startswith(prefix):
+            return component
     return "other"
 
 
@@ -149,19 +205,23 @@ def find_bottom_up_prefix(model_keys) -> Optional[str]:
 
 @dataclass
 class ConversionReport:
-    """What a conversion did. ``counts``: converted tensors per component; ``dropped``: source keys
+    """What a conversion did. ``source``: the format converted from; ``name``: the checkpoint
+    (e.g. its path) in messages; ``counts``: converted tensors per component; ``dropped``: source keys
     intentionally not converted; ``legacy_offset_keys``: ``conv2_offset.*`` keys in the old
     naming; ``cast_to_float32``: half-precision source tensors; ``unmapped``: source keys with no
     Detectron2 name (an error unless ``strict=False``); ``not_loaded``: model tensors per
-    component that the checkpoint does not provide (filled in when loading into a model)."""
+    component that the checkpoint does not provide and ``not_loaded_keys`` their names (both
+    filled in when the checkpoint is checked against a model)."""
 
     source: str
+    name: str = "checkpoint"
     counts: Dict[str, int] = field(default_factory=dict)
     dropped: List[str] = field(default_factory=list)
     legacy_offset_keys: int = 0
     cast_to_float32: List[str] = field(default_factory=list)
     unmapped: List[str] = field(default_factory=list)
     not_loaded: Dict[str, int] = field(default_factory=dict)
+    not_loaded_keys: List[str] = field(default_factory=list, repr=False)
 
     @property
     def num_converted(self) -> int:
@@ -224,18 +284,6 @@ def unwrap_state_dict(checkpoint: Mapping) -> Mapping:
     return state_dict
 
 
-_MMDET_PREFIXES = (
-    "backbone.conv1.",
-    "backbone.bn1.",
-    "backbone.layer",
-    "neck.",
-    "rpn_head.",
-    "roi_head.",
-)
-_D2_PREFIXES = ("backbone.bottom_up.", "backbone.fpn_", "proposal_generator.", "roi_heads.")
-_TORCHVISION_PREFIXES = ("conv1.", "bn1.", "layer", "fc.")
-
-
 def guess_format(state_dict: Mapping) -> Optional[str]:
     """``"mmdet"`` (MMDetection detector / backbone), ``"torchvision"`` (ImageNet ResNet) or None
     (anything else, e.g. a Detectron2 checkpoint). Accepts a state dict or an MMCV-style
@@ -263,7 +311,7 @@ def _convert(items, rules, source: str, mm_prefix: str, d2_prefix: str, drop, st
         if drop(key):
             report.dropped.append(key)
             continue
-        new_key = None
+        new_key = rule = None
         if key.startswith(mm_prefix):
             for rule in rules["resnet"]:
                 new_key = rule.to_d2(key[len(mm_prefix) :])
@@ -293,8 +341,7 @@ def _convert(items, rules, source: str, mm_prefix: str, d2_prefix: str, drop, st
             report.cast_to_float32.append(key)
         converted[new_key] = value
         origin[new_key] = key
-        component = component_of(new_key, d2_prefix)
-        report.counts[component] = report.counts.get(component, 0) + 1
+        report.counts[rule.component] = report.counts.get(rule.component, 0) + 1
     if report.unmapped and strict:
         raise ValueError(
             f"{len(report.unmapped)} {source} keys have no Detectron2 equivalent in this project "

@@ -17,7 +17,7 @@ mask head).
 import collections
 from typing import Dict, List, Mapping, Tuple
 
-from .convert import BOTTOM_UP, _short_list, component_of
+from .convert import BOTTOM_UP, _short_list, component_of, rule_of
 
 __all__ = ["CheckpointMismatchError", "check_checkpoint_fits", "checkpoint_scope"]
 
@@ -109,8 +109,15 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
     problems = []
     unexpected, missing, shapes = set(unexpected), set(missing), list(shapes)
 
+    def is_offset(k):
+        return component_of(k, bottom_up_prefix) == "offset convs"
+
+    def is_class_specific(k):
+        rule = rule_of(k, bottom_up_prefix)
+        return rule is not None and rule.class_specific
+
     # (key, checkpoint shape, model shape) whose output channels (dim 0) differ.
-    offset_shapes = [s for s in shapes if ".conv2_offset." in s[0] and s[1][:1] != s[2][:1]]
+    offset_shapes = [s for s in shapes if is_offset(s[0]) and s[1][:1] != s[2][:1]]
     if offset_shapes:
         _, ckpt, model = ([s for s in offset_shapes if s[0].endswith(".weight")] or offset_shapes)[
             0
@@ -124,8 +131,7 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
         )
         shapes = [s for s in shapes if s not in offset_shapes]
 
-    class_keys = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor.")
-    class_shapes = [s for s in shapes if s[0].startswith(class_keys) and s[1][:1] != s[2][:1]]
+    class_shapes = [s for s in shapes if is_class_specific(s[0]) and s[1][:1] != s[2][:1]]
     if class_shapes:
         cls = [s for s in class_shapes if s[0] == "roi_heads.box_predictor.cls_score.weight"]
         if cls:
@@ -139,48 +145,39 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
         problems.append(f"- number of classes differs: {what}.\n" + _describe_shapes(class_shapes))
         shapes = [s for s in shapes if s not in class_shapes]
 
-    def is_mdpool(k):
-        return k.startswith("roi_heads.box_pooler.")
-
-    def is_offset(k):
-        return ".conv2_offset." in k
-
-    def is_mask(k):
-        return k.startswith("roi_heads.mask_head.")
-
     def stages(found):
         return ", ".join(sorted({k[len(bottom_up_prefix) :].split(".")[0] for k in found}))
 
-    # (keys of one side, which of them, what to tell the user), in the order they are reported.
+    # (keys of one side, their component, what to tell the user), in the order they are reported.
     architecture_mismatches = [
-        (unexpected, is_mdpool, lambda found: (
-            "- the checkpoint has modulated deformable RoI pooling (mdpool) weights but the model's "
-            "box pooler has no parameters: use configs/faster_rcnn_R50_FPN_mdpool.yaml "
-            "(MODEL.ROI_HEADS.NAME: MDPoolROIHeads).\n")),
-        (missing, is_mdpool, lambda found: (
-            "- the model pools boxes with mdpool (MDPoolROIHeads) but the checkpoint has no mdpool "
-            "weights: use a config without MDPoolROIHeads.\n")),
-        (unexpected, is_offset, lambda found: (
-            f"- the checkpoint has DCNv2 (mdconv) offset convs in {stages(found)} but the "
-            "model's ResNet has no deformable convs there: use a *_mdconv*.yaml config "
-            "(MODEL.BACKBONE.NAME: build_dcnv2_resnet_fpn_backbone, "
-            "MODEL.RESNETS.DEFORM_ON_PER_STAGE).\n")),
-        (missing, is_offset, lambda found: (
-            f"- the model has DCNv2 (mdconv) in {stages(found)} but the checkpoint has no offset "
-            "convs there (a plain-ResNet detector); loading it would leave the offsets at zero and "
-            "the masks at 0.5. Use a config without deformable convs.\n")),
-        (unexpected, is_mask, lambda found: (
-            "- the checkpoint is a Mask R-CNN (mask head weights) but the model has no mask head: "
-            "use a mask_rcnn_*.yaml config (MODEL.MASK_ON: True).\n")),
-        (missing, is_mask, lambda found: (
-            "- the model has a mask head (MODEL.MASK_ON: True) but the checkpoint has none: use a "
-            "faster_rcnn_*.yaml config.\n")),
-    ]
-    for keys, predicate, message in architecture_mismatches:
-        found = {k for k in keys if predicate(k)}
+        (unexpected, "mdpool",
+         "- the checkpoint has modulated deformable RoI pooling (mdpool) weights but the model's "
+         "box pooler has no parameters: use configs/faster_rcnn_R50_FPN_mdpool.yaml "
+         "(MODEL.ROI_HEADS.NAME: MDPoolROIHeads).\n"),
+        (missing, "mdpool",
+         "- the model pools boxes with mdpool (MDPoolROIHeads) but the checkpoint has no mdpool "
+         "weights: use a config without MDPoolROIHeads.\n"),
+        (unexpected, "offset convs",
+         "- the checkpoint has DCNv2 (mdconv) offset convs in {stages} but the model's ResNet has "
+         "no deformable convs there: use a *_mdconv*.yaml config "
+         "(MODEL.BACKBONE.NAME: build_dcnv2_resnet_fpn_backbone, "
+         "MODEL.RESNETS.DEFORM_ON_PER_STAGE).\n"),
+        (missing, "offset convs",
+         "- the model has DCNv2 (mdconv) in {stages} but the checkpoint has no offset convs there "
+         "(a plain-ResNet detector); loading it would leave the offsets at zero and the masks at "
+         "0.5. Use a config without deformable convs.\n"),
+        (unexpected, "mask head",
+         "- the checkpoint is a Mask R-CNN (mask head weights) but the model has no mask head: "
+         "use a mask_rcnn_*.yaml config (MODEL.MASK_ON: True).\n"),
+        (missing, "mask head",
+         "- the model has a mask head (MODEL.MASK_ON: True) but the checkpoint has none: use a "
+         "faster_rcnn_*.yaml config.\n"),
+    ]  # fmt: skip
+    for keys, component, message in architecture_mismatches:
+        found = {k for k in keys if component_of(k, bottom_up_prefix) == component}
         keys -= found  # reported here, not again below
         if found:
-            problems.append(message(found) + _describe_keys(found))
+            problems.append(message.format(stages=stages(found)) + _describe_keys(found))
     if shapes:
         problems.append("- shapes differ:\n" + _describe_shapes(shapes))
     if unexpected:
