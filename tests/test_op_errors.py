@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-import projects_dcnv2.layers  # noqa: F401  (loads the extension: registers torch.ops.dcnv2)
+import projects_dcnv2.layers  # (also loads the extension: registers torch.ops.dcnv2)
 from projects_dcnv2.layers import deform_roi_pool, modulated_deform_conv2d
 
 pytestmark = pytest.mark.usefixtures("op_test_env")  # seed, one thread (conftest.py)
@@ -196,3 +196,102 @@ def test_pool_device_mismatch(arg, api):
     with pytest.raises((ValueError, RuntimeError), match=arg) as excinfo:
         call_pool(api, a)
     _check_message(excinfo, arg)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="csrc mdconv_geometry computes (H + 2p - dilated kernel) / stride + 1 with C++ division, which "
+    "truncates a negative numerator toward zero: with stride > 1 the op returns a 1x1 output (fake kernel: 0x0); "
+    "found by tests/test_fuzz_ops.py, reported to the C++ owner",
+)
+def test_input_smaller_than_the_kernel_is_an_error_at_every_stride():
+    """A 1x1 input, a 3x3 kernel, no padding: there is no output position, whatever the stride.
+    (F.conv2d raises; the fake kernel's floor division gives a 0x0 output.)"""
+    x = torch.randn(1, 1, 1, 1)
+    for stride in (1, 2, 4):
+        with pytest.raises(RuntimeError, match="input") as excinfo:
+            torch.ops.dcnv2.modulated_deform_conv2d(
+                x, torch.zeros(1, 18, 1, 1), torch.ones(1, 9, 1, 1), torch.ones(1, 1, 3, 3), None,
+                stride, stride, 0, 0, 1, 1, 1, 1,
+            )
+        _check_message(excinfo, "input")
+
+
+# ------------------------------------------------------------------------------------------------
+# layer constructors: a bad argument fails at construction, not at the first forward
+# ------------------------------------------------------------------------------------------------
+CONV_LAYER_CASES = {
+    # id: (keyword overrides of ModulatedDeformConv2d(4, 6, 3, groups=2, deformable_groups=2), name)
+    "in_channels_zero": (dict(in_channels=0), "in_channels"),
+    "in_channels_negative": (dict(in_channels=-4), "in_channels"),
+    "in_channels_float": (dict(in_channels=4.0), "in_channels"),
+    "out_channels_zero": (dict(out_channels=0), "out_channels"),
+    "kernel_size_zero": (dict(kernel_size=0), "kernel_size"),
+    "kernel_size_pair_with_zero": (dict(kernel_size=(3, 0)), "kernel_size"),
+    "kernel_size_triple": (dict(kernel_size=(3, 3, 3)), "kernel_size"),
+    "stride_zero": (dict(stride=0), "stride"),
+    "stride_negative": (dict(stride=(1, -2)), "stride"),
+    "padding_negative": (dict(padding=-1), "padding"),
+    "dilation_zero": (dict(dilation=(0, 1)), "dilation"),
+    "groups_zero": (dict(groups=0), "groups"),
+    "groups_not_dividing_in_channels": (dict(groups=3, out_channels=6), "in_channels.*groups=3"),
+    "groups_not_dividing_out_channels": (dict(in_channels=8, groups=4, out_channels=6), "out_channels.*groups=4"),
+    "deformable_groups_zero": (dict(deformable_groups=0), "deformable_groups"),
+    "deformable_groups_negative": (dict(deformable_groups=-2), "deformable_groups"),
+    "deformable_groups_not_dividing": (dict(deformable_groups=3), "in_channels.*deformable_groups=3"),
+    "deformable_groups_bool": (dict(deformable_groups=True), "deformable_groups"),
+}
+
+
+@pytest.mark.parametrize("cls", ["ModulatedDeformConv2d", "ModulatedDeformConv2dPack"])
+@pytest.mark.parametrize("case", list(CONV_LAYER_CASES), ids=list(CONV_LAYER_CASES))
+def test_conv_layer_bad_argument(case, cls):
+    over, name = CONV_LAYER_CASES[case]
+    kwargs = dict(in_channels=4, out_channels=6, kernel_size=3, groups=2, deformable_groups=2)
+    kwargs.update(over)
+    with pytest.raises((ValueError, TypeError), match=name) as excinfo:
+        getattr(projects_dcnv2.layers, cls)(**kwargs)
+    _check_message(excinfo, name)
+
+
+POOL_LAYER_CASES = {
+    # id: (keyword overrides of the layer's valid arguments, name)
+    "output_size_zero": (dict(output_size=0), "output_size"),
+    "output_size_pair_with_negative": (dict(output_size=(7, -1)), "output_size"),
+    "output_size_float": (dict(output_size=7.5), "output_size"),
+    "spatial_scale_zero": (dict(spatial_scale=0.0), "spatial_scale"),
+    "spatial_scale_negative": (dict(spatial_scale=-0.25), "spatial_scale"),
+    "spatial_scale_nan": (dict(spatial_scale=float("nan")), "spatial_scale"),
+    "sampling_ratio_negative": (dict(sampling_ratio=-1), "sampling_ratio"),
+    "sampling_ratio_float": (dict(sampling_ratio=2.5), "sampling_ratio"),
+    "gamma_inf": (dict(gamma=float("inf")), "gamma"),
+}
+PACK_LAYER_CASES = {
+    "output_channels_zero": (dict(output_channels=0), "output_channels"),
+    "deform_fc_channels_negative": (dict(deform_fc_channels=-8), "deform_fc_channels"),
+}
+
+
+@pytest.mark.parametrize("cls", ["DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"])
+@pytest.mark.parametrize("case", list(POOL_LAYER_CASES) + list(PACK_LAYER_CASES))
+def test_pool_layer_bad_argument(case, cls):
+    if case in PACK_LAYER_CASES and cls == "DeformRoIPool":
+        pytest.skip("DeformRoIPool has no fully connected layers (output_channels, deform_fc_channels)")
+    over, name = {**POOL_LAYER_CASES, **PACK_LAYER_CASES}[case]
+    kwargs = dict(output_size=3, spatial_scale=0.25, sampling_ratio=2, gamma=0.1)
+    if cls != "DeformRoIPool":
+        kwargs.update(output_channels=4, deform_fc_channels=8)
+    kwargs.update(over)
+    with pytest.raises((ValueError, TypeError), match=name) as excinfo:
+        getattr(projects_dcnv2.layers, cls)(**kwargs)
+    _check_message(excinfo, name)
+
+
+def test_valid_layer_arguments_build():
+    layers = projects_dcnv2.layers
+    conv = layers.ModulatedDeformConv2dPack(4, 6, (3, 1), stride=(2, 1), padding=(1, 0), groups=2,
+                                             deformable_groups=4)
+    assert conv.weight.shape == (6, 2, 3, 1) and conv.conv_offset.out_channels == 3 * 4 * 3
+    assert conv(torch.randn(1, 4, 5, 5)).shape == (1, 6, 3, 5)
+    pool = layers.ModulatedDeformRoIPoolPack((2, 3), output_channels=4, deform_fc_channels=8, sampling_ratio=0)
+    assert pool(torch.randn(1, 4, 6, 6), torch.tensor([[0, 0.0, 0.0, 4.0, 4.0]])).shape == (1, 4, 2, 3)

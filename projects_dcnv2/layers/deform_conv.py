@@ -11,6 +11,7 @@ the input at ``(ho * stride - pad + i * dilation + dy, wo * stride - pad + j * d
 bilinearly; samples outside (-1, H) x (-1, W) are zero and pixels outside the map count as zero.
 """
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -27,6 +28,25 @@ __all__ = [
 ]
 
 _IntPair = Union[int, Tuple[int, int]]
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    """A constructor argument must be an int (not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name}: expected {what}, got {value}")
+
+
+def _check_pair(name: str, value, minimum: int) -> Tuple[int, int]:
+    """An int or a pair of ints, each at least `minimum`; returns the pair."""
+    if isinstance(value, (tuple, list)) and len(value) != 2:
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    pair = _pair(value)
+    for v in pair:
+        _check_int(name, v, minimum)
+    return int(pair[0]), int(pair[1])
 
 
 def _check_device(input: torch.Tensor, op: str) -> None:
@@ -99,20 +119,22 @@ class ModulatedDeformConv2d(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        for name, value, divisor in (
-            ("in_channels", in_channels, groups),
-            ("out_channels", out_channels, groups),
-            ("in_channels", in_channels, deformable_groups),
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups),
+                            ("deformable_groups", deformable_groups)):
+            _check_int(name, value, 1)
+        for name, value, divisor, what in (
+            ("in_channels", in_channels, groups, "groups"),
+            ("out_channels", out_channels, groups, "groups"),
+            ("in_channels", in_channels, deformable_groups, "deformable_groups"),
         ):
             if value % divisor != 0:
-                what = "groups" if divisor is groups else "deformable_groups"
                 raise ValueError(f"{name}: expected a multiple of {what}={divisor}, got {value}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size = _check_pair("kernel_size", kernel_size, 1)
+        self.stride = _check_pair("stride", stride, 1)
+        self.padding = _check_pair("padding", padding, 0)
+        self.dilation = _check_pair("dilation", dilation, 1)
         self.groups = groups
         self.deformable_groups = deformable_groups
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))

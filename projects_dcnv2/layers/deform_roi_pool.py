@@ -9,13 +9,15 @@ is translated by ``gamma * offset * RoI size``. Offset layout: (K, 2, P_h, P_w) 
 horizontal shift (dx, in units of the RoI width) and channel 1 the vertical shift (dy, RoI height):
 note this is (x, y), the opposite of the convolution's (dy, dx).
 """
+import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .deform_conv import _check_device
+from .deform_conv import _check_device, _check_int, _check_pair
 
 __all__ = ["deform_roi_pool", "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"]
 
@@ -58,7 +60,13 @@ class DeformRoIPool(nn.Module):
     def __init__(self, output_size: _IntPair, spatial_scale: float = 1.0, sampling_ratio: int = 0,
                  gamma: float = 0.1):
         super().__init__()
-        self.output_size = _pair(output_size)
+        self.output_size = _check_pair("output_size", output_size, 1)
+        _check_int("sampling_ratio", sampling_ratio, 0)
+        for name, value in (("spatial_scale", spatial_scale), ("gamma", gamma)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        if spatial_scale <= 0:
+            raise ValueError(f"spatial_scale: expected a positive number, got {spatial_scale}")
         self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = int(sampling_ratio)
         self.gamma = float(gamma)
@@ -106,6 +114,8 @@ class DeformRoIPoolPack(DeformRoIPool):
         gamma: float = 0.1,
     ):
         super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
+        _check_int("output_channels", output_channels, 1)
+        _check_int("deform_fc_channels", deform_fc_channels, 1)
         self.output_channels = output_channels
         self.deform_fc_channels = deform_fc_channels
         bins = self.output_size[0] * self.output_size[1]
