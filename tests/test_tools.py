@@ -1,5 +1,5 @@
-"""The user-facing tools: tools/visualize_sampling.py (geometry checked against the ops, and end
-to end on freshly built models), tools/demo.py, tools/plot_training_curves.py, and the training
+"""The user-facing tools: tools/visualize_sampling.py (its geometry, projects_dcnv2.analysis and
+MDPoolROIPooler.deformation, checked against the ops; the tool end to end on freshly built models), tools/demo.py, tools/plot_training_curves.py, and the training
 progress a train_net run leaves behind (log with ETA / losses / lr, metrics.json, TensorBoard)."""
 
 import importlib.util
@@ -16,9 +16,11 @@ from PIL import Image, ImageDraw
 
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes
 
-from projects_dcnv2 import add_dcnv2_config
+from projects_dcnv2 import add_dcnv2_config, analysis
 from projects_dcnv2.layers import deform_roi_pool, modulated_deform_conv2d
+from projects_dcnv2.modeling.poolers import MDPoolROIPooler
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "quick_schedules"
@@ -48,7 +50,7 @@ def _field(name, size, stride, out_stride, dy=0.0, dx=0.0, logit=0.0, dilation=1
     raw = torch.zeros(27, size, size)
     raw[0:18:2], raw[1:18:2], raw[18:] = dy, dx, logit
     conv = _Conv(stride=stride, padding=dilation, dilation=dilation)
-    return vis.field_from_conv_offset(name, raw, conv, out_stride)
+    return analysis.field_from_conv_offset(name, raw, conv, out_stride)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +61,7 @@ def test_zero_offsets_give_the_regular_grid_through_strides():
     # res5.2 (stride 1, output stride 32) <- res5.0 (stride 2: input stride 16), mask logits 0.
     fields = [_field("res5.2", 4, 1, 32.0), _field("res5.0", 4, 2, 32.0)]
     unit = np.array([[64.0, 32.0]])  # (y, x) = cell (2, 1) at stride 32
-    locations, weights = vis.compose_sampling_locations(fields, unit)
+    locations, weights = analysis.compose_sampling_locations(fields, unit)
     assert locations.shape == (1, 81, 2) and weights.shape == (1, 81)
     np.testing.assert_allclose(weights, 0.25)  # sigmoid(0) ** 2
     expected = set()
@@ -81,8 +83,8 @@ def test_constant_offsets_shift_by_the_input_stride():
     fields = [_field("a", 4, 1, 32.0, dy, dx, logit=2.0), _field("b", 8, 2, 16.0, dy, dx, logit=-1.0)]
     plain = [_field("a", 4, 1, 32.0), _field("b", 8, 2, 16.0)]
     unit = np.array([[32.0, 64.0], [96.0, 0.0]])
-    moved, weights = vis.compose_sampling_locations(fields, unit)
-    regular, _ = vis.compose_sampling_locations(plain, unit)
+    moved, weights = analysis.compose_sampling_locations(fields, unit)
+    regular, _ = analysis.compose_sampling_locations(plain, unit)
     # Layer a shifts by (dy, dx) cells of its input (stride 32), layer b by (dy, dx) at stride 8,
     # and b's offset maps are constant, so the shifts add up.
     np.testing.assert_allclose(moved - regular, np.broadcast_to([dy * 40, dx * 40], moved.shape))
@@ -104,11 +106,11 @@ def test_tap_locations_match_the_op(stride, dilation):
     for k in range(9):
         weight[2 * k, 0, k // 3, k % 3] = weight[2 * k + 1, 1, k // 3, k % 3] = 1
     out = modulated_deform_conv2d(ramps, offset, logits.sigmoid(), weight, None, stride, dilation, dilation)
-    field = vis.field_from_conv_offset(
+    field = analysis.field_from_conv_offset(
         "x", torch.cat([offset, logits], 1)[0], _Conv(stride, dilation, dilation), out_stride=float(stride)
     )
     cells = [(yo, xo) for yo in range(out_size) for xo in range(out_size)]
-    locations, weights = vis.compose_sampling_locations([field], np.array(cells, dtype=np.float64) * stride)
+    locations, weights = analysis.compose_sampling_locations([field], np.array(cells, dtype=np.float64) * stride)
     for (yo, xo), locs, w in zip(cells, locations, weights):
         sampled = out[0, :, yo, xo].view(9, 2).numpy() / w[:, None]
         inside = (locs.min(1) >= 0) & (locs.max(1) <= size - 1)  # zero padding changes the border
@@ -124,29 +126,57 @@ def test_deformed_bin_centres_match_the_op():
     rois = torch.tensor([[0.0, *box]], dtype=torch.float64)
     offset = (torch.rand(1, 2, 7, 7, dtype=torch.float64) - 0.5) * 0.8
     pooled = deform_roi_pool(ramps, rois, offset, 7, spatial_scale=1.0, sampling_ratio=2, gamma=0.1)
-    rects, mask = vis.deformed_bins(box, offset[0].numpy(), None, gamma=0.1)
+    rects, mask = analysis.deformed_bins(box, offset[0].numpy(), None, gamma=0.1)
     centres = (rects[..., :2] + rects[..., 2:]) / 2 - 0.5  # continuous -> aligned sample coordinates
     np.testing.assert_allclose(pooled[0, 1].numpy(), centres[..., 0], atol=1e-9)  # x
     np.testing.assert_allclose(pooled[0, 0].numpy(), centres[..., 1], atol=1e-9)  # y
     assert mask.shape == (7, 7) and (mask == 1).all()
 
 
+def test_pooler_deformation_is_what_forward_applies():
+    """MDPoolROIPooler.deformation's offsets, masks and levels, fed to the op by hand, give the
+    pooler's own output for every RoI (two images, RoIs on three levels)."""
+    torch.manual_seed(0)
+    pooler = MDPoolROIPooler(3, [1 / 4, 1 / 8, 1 / 16], 4, deform_fc_dim=8, canonical_box_size=16)
+    pooler = pooler.double()
+    with torch.no_grad():
+        for p in pooler.parameters():
+            p.normal_(0, 0.2)
+    features = [torch.randn(2, 4, 64 // s, 64 // s, dtype=torch.float64) for s in (4, 8, 16)]
+    boxes = [
+        Boxes(torch.tensor([[2.0, 3.0, 30.0, 20.0], [0.0, 0.0, 63.0, 63.0]])),
+        Boxes(torch.tensor([[10.0, 12.0, 14.0, 18.0], [5.0, 5.0, 60.0, 40.0], [1.0, 2.0, 11.0, 14.0]])),
+    ]
+    with torch.no_grad():
+        pooled = pooler(features, boxes)
+    offset, mask, level = pooler.deformation(features, boxes)
+    assert offset.shape == (5, 2, 3, 3) and mask.shape == (5, 3, 3) and level.tolist() == [2, 2, 0, 2, 1]
+    batch = [0, 0, 1, 1, 1]
+    for k, roi in enumerate(torch.cat([b.tensor for b in boxes]).double()):
+        lvl = int(level[k])
+        expected = deform_roi_pool(
+            features[lvl][batch[k] : batch[k] + 1], torch.cat([roi.new_zeros(1), roi])[None],
+            offset[k : k + 1], 3, spatial_scale=pooler.level_poolers[lvl].spatial_scale, gamma=0.1,
+        ) * mask[k]  # fmt: skip
+        torch.testing.assert_close(pooled[k], expected[0], rtol=1e-12, atol=1e-12)
+
+
 def test_field_layout_and_layer_selection():
     raw = torch.arange(2 * 27 * 2 * 2, dtype=torch.float64).view(54, 2, 2)  # G = 2
-    field = vis.field_from_conv_offset("res4.1", raw, _Conv(deformable_groups=2), 16.0, group=1)
+    field = analysis.field_from_conv_offset("res4.1", raw, _Conv(deformable_groups=2), 16.0, group=1)
     assert field.offset.shape == (9, 2, 2, 2) and field.mask.shape == (9, 2, 2)
     assert field.offset[4, 0, 0, 0] == raw[18 + 8, 0, 0] and field.offset[4, 1, 0, 0] == raw[18 + 9, 0, 0]
     np.testing.assert_allclose(field.mask[3], raw[36 + 9 + 3].sigmoid().numpy())
     with pytest.raises(ValueError, match="expected \\(54, Ho, Wo\\)"):
-        vis.field_from_conv_offset("x", raw[:27], _Conv(deformable_groups=2), 16.0)
+        analysis.field_from_conv_offset("x", raw[:27], _Conv(deformable_groups=2), 16.0)
 
     fields = [_field(n, 2, 1, 8.0) for n in ("res3.0", "res3.1", "res4.0", "res4.1", "res5.0", "res5.1")]
-    names = lambda spec: [f.name for f in vis.select_fields(fields, spec)]  # noqa: E731
+    names = lambda spec: [f.name for f in analysis.select_fields(fields, spec)]  # noqa: E731
     assert names("res5") == ["res5.1", "res5.0"]
     assert names("last-per-stage") == ["res5.1", "res4.1", "res3.1"]
     assert names("res5.1, res3.0") == ["res5.1", "res3.0"]
     with pytest.raises(ValueError, match="res6"):
-        vis.select_fields(fields, "res6")
+        analysis.select_fields(fields, "res6")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +232,7 @@ def test_visualize_sampling_captures_every_deformable_block(tmp_path_factory, im
     cfg.merge_from_file(str(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml"))
     model = build_model(cfg).eval()
     image = torch.as_tensor(np.asarray(Image.open(image_path)).transpose(2, 0, 1).copy())
-    with torch.no_grad(), vis.capture_deform_fields(model) as fields:
+    with torch.no_grad(), analysis.capture_deform_fields(model) as fields:
         model.inference([{"image": image}], do_postprocess=False)
     assert [f.name for f in fields] == [f"res{s}.{b}" for s, n in ((3, 4), (4, 6), (5, 3)) for b in range(n)]
     strides = {f.name: (f.out_stride, tuple(f.in_stride)) for f in fields}

@@ -18,7 +18,7 @@ multiplied by the mask.
 """
 
 import math
-from typing import List
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from detectron2.layers import nonzero_tuple
 from detectron2.modeling.poolers import assign_boxes_to_levels, convert_boxes_to_pooler_format
 from detectron2.structures import Boxes
 
-from ..layers import ModulatedDeformRoIPoolPack
+from ..layers import DeformRoIPool, ModulatedDeformRoIPoolPack
 
 __all__ = ["MDPoolROIPooler"]
 
@@ -81,6 +81,38 @@ class MDPoolROIPooler(nn.Module):
             for scale in scales
         )
 
+    def assign_levels(self, box_lists: List[Boxes]) -> torch.Tensor:
+        """(M,) index into the feature levels of each RoI (Detectron2's rule, see above)."""
+        return assign_boxes_to_levels(
+            box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
+        )
+
+    @torch.no_grad()
+    def deformation(
+        self, x: List[torch.Tensor], box_lists: List[Boxes]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What mdpool does to each RoI (for inspection, e.g. ``tools/visualize_sampling.py``).
+
+        Args:
+            x, box_lists: as in :meth:`forward`.
+
+        Returns:
+            offset (M, 2, P, P): bin offsets, channel 0 = dx, 1 = dy, in units of ``gamma`` x the
+            RoI's width / height; mask (M, P, P): bin modulation; level (M,): index into ``x``.
+            RoIs in the order of ``box_lists`` concatenated.
+        """
+        rois = convert_boxes_to_pooler_format(box_lists)
+        level_of_roi = self.assign_levels(box_lists)
+        offset = x[0].new_zeros((rois.shape[0], 2) + self.output_size)
+        mask = x[0].new_zeros((rois.shape[0],) + self.output_size)
+        for level, (features, pack) in enumerate(zip(x, self.level_poolers)):
+            inds = nonzero_tuple(level_of_roi == level)[0]
+            # The first half of ModulatedDeformRoIPoolPack.forward: plain pass -> offset, mask.
+            plain = DeformRoIPool.forward(pack, features, rois[inds].to(features.dtype)).flatten(1)
+            offset[inds] = pack._predict_offset(plain).to(offset.dtype)
+            mask[inds] = pack.mask_fc(plain).view(-1, *self.output_size).to(mask.dtype)
+        return offset, mask, level_of_roi
+
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """
         Args:
@@ -101,9 +133,7 @@ class MDPoolROIPooler(nn.Module):
             return x[0].new_zeros((0, num_channels) + self.output_size)
 
         rois = convert_boxes_to_pooler_format(box_lists)  # (M, 5): batch index, x1, y1, x2, y2
-        level_of_roi = assign_boxes_to_levels(
-            box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
-        )
+        level_of_roi = self.assign_levels(box_lists)
         output = x[0].new_zeros((rois.shape[0], num_channels) + self.output_size)
         for level, (features, pooler) in enumerate(zip(x, self.level_poolers)):
             inds = nonzero_tuple(level_of_roi == level)[0]
