@@ -220,7 +220,10 @@ def _random_weights(tool, config, folder):
 
 
 def _fpn_tolerance(reference):
-    return 1e-5 * max(1.0, max(r.abs().max().item() for r in reference))
+    """Float32 rounding of these GroupNorm networks: eager float32 is up to 1.3e-5 x the largest
+    feature away from float64 (measured on the tiny backbone below), and a different summation
+    order (ONNX Runtime, inductor) adds as much again."""
+    return 3e-5 * max(1.0, max(r.abs().max().item() for r in reference))
 
 
 def test_tool_exports_mdconv_mask_rcnn_to_onnx(tool, sample_image, tmp_path):
@@ -269,6 +272,8 @@ def test_tool_exports_mdconv_mask_rcnn_to_onnx(tool, sample_image, tmp_path):
     with torch.no_grad():
         expected = model.inference([{"image": inputs[0]["image"]}], do_postprocess=False)[0]
     adapter = tool.tracing_adapter(model, inputs)
+    with torch.no_grad():
+        adapter(inputs[0]["image"])  # records the output schema
     runner = tool.load_exported(str(tmp_path / "model.onnx"))
     instances = adapter.outputs_schema(runner(inputs[0]["image"]))[0]["instances"]
     assert len(expected) > 0 and len(instances) == len(expected)
@@ -305,11 +310,11 @@ TINY = [
     "MODEL.RESNETS.DEPTH",
     "18",
     "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    "16",
+    "32",
     "MODEL.RESNETS.STEM_OUT_CHANNELS",
-    "16",
+    "32",
     "MODEL.FPN.OUT_CHANNELS",
-    "16",
+    "32",
     "MODEL.RESNETS.DEFORM_NUM_GROUPS",
     "2",
 ]
@@ -330,14 +335,17 @@ def tiny_backbone(tool):
 
 def _check_backbone_file(tool, model, path):
     runner = tool.load_exported(path)
-    for shape in [(1, 3, 64, 96), (2, 3, 96, 64)]:  # batch, height and width differ from the trace
+    for shape in [
+        (1, 3, 96, 160),
+        (2, 3, 128, 96),
+    ]:  # batch, height and width differ from the trace
         x = torch.randn(shape)
         with torch.no_grad():
             expected = list(model.backbone(x).values())
             got = runner(x)
         assert len(got) == len(expected) == 5
         for g, r in zip(got, expected):
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(g, r, rtol=0, atol=_fpn_tolerance(expected))
 
 
 def test_torch_export_round_trip(tool, tiny_backbone, tmp_path):

@@ -149,11 +149,15 @@ def export_whole_model(model, inputs, fmt, output):
 
 
 def _backbone_dims(model, x):
+    """Dynamic batch, and height / width in multiples of the size divisibility, above the coarsest
+    stride (torch.export specialises the p6 map of size 1)."""
     div = max(model.backbone.size_divisibility, 1)
+    coarsest = max(s.stride for s in model.backbone.output_shape().values())
     dims = {0: torch.export.Dim("batch", max=64)}
     if x.shape[2] % div == 0 and x.shape[3] % div == 0:
-        dims[2] = div * torch.export.Dim("height_blocks", max=4096 // div)
-        dims[3] = div * torch.export.Dim("width_blocks", max=4096 // div)
+        blocks = dict(min=coarsest // div + 1, max=4096 // div)
+        dims[2] = div * torch.export.Dim("height_blocks", **blocks)
+        dims[3] = div * torch.export.Dim("width_blocks", **blocks)
     return {"x": dims}
 
 
@@ -177,8 +181,16 @@ def export_backbone(model, x, fmt, output):
         with torch.no_grad():
             torch.jit.trace(module, (x,)).save(path)
         return path
-    # torch.export specialises dimensions of size 1: trace a batch of two so the batch stays dynamic.
+    # torch.export specialises dimensions of size 1: trace a batch of two, and a map whose coarsest
+    # output (p6) is at least 2 x 2, so batch, height and width stay dynamic.
     x = x.expand(2, -1, -1, -1).contiguous() if x.shape[0] == 1 else x
+    min_side = (
+        max(s.stride for s in model.backbone.output_shape().values())
+        + model.backbone.size_divisibility
+    )
+    x = torch.nn.functional.pad(
+        x, (0, max(0, min_side - x.shape[3]), 0, max(0, min_side - x.shape[2]))
+    )
     program = torch.export.export(
         module, (x,), dynamic_shapes=_backbone_dims(model, x), strict=False
     )
