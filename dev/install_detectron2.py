@@ -10,7 +10,7 @@ detectron2 is not published on PyPI, so two sources are supported:
 * ``pypi`` -- offline-friendly: the ``pb1-detectron2==0.6`` sdist from PyPI (its Python files
   are those of detectron2 v0.6, but it lacks ``detectron2/layers/csrc``). The sdist is
   checked against a pinned sha256, unpacked, patched with
-  ``tools/patches/detectron2-v0.6-offline.patch`` and installed as a pure-Python
+  ``dev/patches/detectron2-v0.6-offline.patch`` (``git apply``, or ``patch`` without git) and installed as a pure-Python
   distribution named ``detectron2`` version 0.6 (no ``_C``), together with its runtime
   dependencies from PyPI.
 * ``auto`` (default) -- use ``git`` when github.com answers within a few seconds, otherwise
@@ -18,21 +18,22 @@ detectron2 is not published on PyPI, so two sources are supported:
 
 The source is chosen with ``--source`` or the ``DETECTRON2_SOURCE`` environment variable
 (the flag wins). Re-running is cheap: an install that already matches is detected and kept.
-``--force`` reinstalls; ``--check`` only reports what is installed (exit status 0 when a
-usable install is present).
+``--force`` reinstalls; ``--check`` only reports what is installed and imports the parts of
+detectron2 this project uses (exit status 0 when a usable install is present).
+
+This is environment bootstrap for ``make setup``, not a user tool (see docs/install_detectron2.md).
 """
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -108,42 +109,62 @@ def sha256_of(path):
 # --- what is installed now ----------------------------------------------------------------------
 
 
-def installed_state():
-    """Describe the detectron2 distribution installed in this interpreter's environment.
-
-    Runs in a fresh interpreter so that a module imported (or installed) earlier in this
-    process cannot confuse the answer.
-    """
-    probe = textwrap.dedent(
-        f"""
-        import json, importlib.metadata as md
-        out = {{"installed": False}}
-        try:
-            dist = md.distribution("detectron2")
-        except md.PackageNotFoundError:
-            dist = None
-        if dist is not None:
-            out["installed"] = True
-            out["version"] = dist.version
-            direct = dist.read_text("direct_url.json")
-            out["direct_url"] = json.loads(direct) if direct else None
-            marker = None
-            for f in dist.files or []:
-                if str(f).replace("\\\\", "/") == "detectron2/{MARKER_NAME}":
-                    try:
-                        marker = json.loads(f.read_text())
-                    except Exception:
-                        marker = None
-            out["marker"] = marker
-        print(json.dumps(out))
-        """
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=False
-    )
+def probe(code, what):
+    """Run ``code`` in a fresh interpreter of this environment (so that nothing imported or
+    installed earlier in this process confuses the answer); its last output line, or
+    :class:`InstallError` naming ``what`` failed."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if res.returncode != 0:
-        raise InstallError(f"could not inspect the environment:\n{res.stderr}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+        raise InstallError(f"{what}:\n{res.stdout}{res.stderr.strip()}")
+    return res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+
+
+_STATE = f"""
+import json, importlib.metadata as md
+try:
+    dist = md.distribution("detectron2")
+except md.PackageNotFoundError:
+    print(json.dumps({{"installed": False}}))
+else:
+    direct = dist.read_text("direct_url.json")
+    marker = [f for f in dist.files or [] if f.name == "{MARKER_NAME}"]
+    print(json.dumps({{
+        "installed": True,
+        "version": dist.version,
+        "direct_url": json.loads(direct) if direct else None,
+        "marker": json.loads(marker[0].read_text()) if marker else None,
+    }}))
+"""
+
+# The parts of detectron2 this project uses, imported as train_net.py and the tools do.
+_IMPORTS = """
+import importlib.util
+import detectron2, detectron2.checkpoint, detectron2.config, detectron2.data, detectron2.engine
+import detectron2.evaluation, detectron2.layers, detectron2.modeling, detectron2.structures
+has_c = importlib.util.find_spec("detectron2._C") is not None
+if REQUIRE_C:
+    import detectron2._C
+print(f"detectron2 {detectron2.__version__} at {detectron2.__file__} (_C {'present' if has_c else 'absent'})")
+"""
+
+
+def installed_state():
+    """The detectron2 distribution installed in this interpreter's environment (a dict)."""
+    return json.loads(probe(_STATE, "could not inspect the environment"))
+
+
+def import_check(require_c):
+    """Import detectron2 in a fresh interpreter; return a one-line summary or raise."""
+    code = f"REQUIRE_C = {bool(require_c)}\n" + _IMPORTS
+    return probe(code, "installed detectron2 does not import")
+
+
+def require_torch():
+    probe(
+        "import torch, torchvision",
+        "torch and torchvision must be installed in this environment before detectron2 "
+        f"({sys.executable})",
+    )
 
 
 def git_install_matches(state):
@@ -161,26 +182,6 @@ def pypi_install_matches(state):
         marker.get("sdist_sha256") == SDIST_SHA256
         and marker.get("patch_sha256") == sha256_of(PATCH_FILE)
     )
-
-
-def import_check(require_c):
-    """Import detectron2 in a fresh interpreter; return a one-line summary or raise."""
-    code = textwrap.dedent(
-        f"""
-        import importlib.util
-        import detectron2, detectron2.layers, detectron2.modeling, detectron2.engine
-        import detectron2.evaluation, detectron2.model_zoo
-        has_c = importlib.util.find_spec("detectron2._C") is not None
-        if {require_c!r}:
-            import detectron2._C
-        print(f"detectron2 {{detectron2.__version__}} at {{detectron2.__file__}} "
-              f"(_C {{'present' if has_c else 'absent'}})")
-        """
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise InstallError(f"installed detectron2 does not import:\n{res.stdout}{res.stderr}")
-    return res.stdout.strip().splitlines()[-1]
 
 
 # --- git source ---------------------------------------------------------------------------------
@@ -234,17 +235,6 @@ def install_from_git(force):
 # --- pypi source --------------------------------------------------------------------------------
 
 
-def require_torch():
-    res = subprocess.run(
-        [sys.executable, "-c", "import torch, torchvision"], capture_output=True, text=True
-    )
-    if res.returncode != 0:
-        raise InstallError(
-            "torch and torchvision must be installed in this environment before detectron2 "
-            f"({sys.executable}):\n{res.stderr.strip()}"
-        )
-
-
 def download_sdist(dest):
     # Preparing an sdist's metadata runs its setup.py, which imports torch: build in the
     # current environment (which has torch) instead of an isolated one (which has not).
@@ -292,106 +282,22 @@ def safe_extract(tar_path, dest):
     return roots[0]
 
 
-# A unified diff applier: exact context, no fuzz, no offsets -- the sdist is pinned by hash,
-# so every hunk must apply exactly where the patch says.
-_HUNK_RE = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
-
-
-def _strip_path(header_path, strip):
-    p = header_path.split("\t")[0].strip()
-    if p == "/dev/null":
-        return None
-    return "/".join(p.split("/")[strip:])
-
-
-def parse_patch(text):
-    """Return [(old_path, new_path, [hunk, ...])]; a hunk is (old_start, old_len, lines)."""
-    files = []
-    lines = text.splitlines(keepends=True)
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
-            old_path = _strip_path(line[4:], 1)
-            new_path = _strip_path(lines[i + 1][4:], 1)
-            hunks = []
-            i += 2
-            while i < len(lines) and lines[i].startswith("@@"):
-                m = _HUNK_RE.match(lines[i])
-                if not m:
-                    raise InstallError(f"malformed hunk header: {lines[i]!r}")
-                old_start = int(m.group(1))
-                old_len = int(m.group(2) or 1)
-                new_len = int(m.group(4) or 1)
-                body = []
-                seen_old = seen_new = 0
-                i += 1
-                while i < len(lines) and (seen_old < old_len or seen_new < new_len):
-                    l = lines[i]
-                    if l.startswith("\\"):  # "\ No newline at end of file"
-                        if body:
-                            body[-1] = (body[-1][0], body[-1][1].rstrip("\n"))
-                        i += 1
-                        continue
-                    tag, content = l[:1], l[1:]
-                    if tag == "" and l in ("\n", ""):  # some tools drop the space of empty lines
-                        tag, content = " ", "\n"
-                    if tag not in (" ", "-", "+"):
-                        raise InstallError(f"malformed hunk line: {l!r}")
-                    body.append((tag, content))
-                    seen_old += tag in (" ", "-")
-                    seen_new += tag in (" ", "+")
-                    i += 1
-                while i < len(lines) and lines[i].startswith("\\"):
-                    if body:
-                        body[-1] = (body[-1][0], body[-1][1].rstrip("\n"))
-                    i += 1
-                if seen_old != old_len or seen_new != new_len:
-                    raise InstallError(f"truncated hunk in patch for {new_path or old_path}")
-                hunks.append((old_start, old_len, body))
-            files.append((old_path, new_path, hunks))
-            continue
-        i += 1
-    if not files:
-        raise InstallError("the patch file contains no file diffs")
-    return files
-
-
 def apply_patch(patch_path, root):
-    root = Path(root)
-    for old_path, new_path, hunks in parse_patch(patch_path.read_text()):
-        rel = new_path or old_path
-        target = root / rel
-        if old_path is None:
-            if target.exists():
-                raise InstallError(f"patch creates {rel}, which already exists")
-            src = []
-        else:
-            src = (root / old_path).read_text().splitlines(keepends=True)
-        out = []
-        pos = 0  # index into src of the next line to copy
-        for old_start, old_len, body in hunks:
-            start = old_start - 1 if old_len > 0 else old_start
-            expected = [c for t, c in body if t in (" ", "-")]
-            if start < pos or src[start : start + len(expected)] != expected:
-                raise InstallError(
-                    f"hunk at line {old_start} of {rel} does not apply: the source differs "
-                    "from what the patch expects"
-                )
-            out.extend(src[pos:start])
-            out.extend(c for t, c in body if t in (" ", "+"))
-            pos = start + len(expected)
-        out.extend(src[pos:])
-        if new_path is None:
-            target.unlink()
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text("".join(out))
-        log(f"patched {rel} ({len(hunks)} hunk{'s' if len(hunks) != 1 else ''})")
+    """Apply the patch in ``root`` without fuzz: ``git apply`` (works outside a repository), or
+    ``patch`` where git is missing. The sdist is pinned by hash, so every hunk must apply."""
+    if shutil.which("git"):
+        cmd = ["git", "apply", "--verbose", "-p1", str(patch_path)]
+    elif shutil.which("patch"):
+        cmd = ["patch", "-p1", "--fuzz=0", "--batch", "--forward", "-i", str(patch_path)]
+    else:
+        raise InstallError("applying the detectron2 patch needs `git` or `patch`; neither was found")
+    res = run(cmd, cwd=root, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise InstallError(f"{patch_path.name} does not apply:\n{res.stdout}{res.stderr}")
 
 
 SETUP_PY = '''\
-# Generated by projects_dcnv2 tools/install_detectron2.py: packages the Python files of
+# Generated by projects_dcnv2 dev/install_detectron2.py: packages the Python files of
 # detectron2 v0.6 (from the pb1-detectron2 sdist, patched) without building detectron2._C.
 from setuptools import find_packages, setup
 
@@ -451,13 +357,6 @@ def build_tree(src_root, build_dir):
     (build_dir / "pyproject.toml").write_text(PYPROJECT_TOML)
 
 
-def has_module(name):
-    res = subprocess.run(
-        [sys.executable, "-c", f"import {name}"], capture_output=True, text=True
-    )
-    return res.returncode == 0
-
-
 def install_from_pypi(force):
     if not PATCH_FILE.is_file():
         raise InstallError(f"patch file not found: {PATCH_FILE}")
@@ -481,7 +380,7 @@ def install_from_pypi(force):
         # pip always (re)installs a local directory, replacing any installed detectron2;
         # dependencies already present are kept as they are.
         cmd = [sys.executable, "-m", "pip", "install"]
-        if has_module("setuptools"):
+        if importlib.util.find_spec("setuptools") is not None:
             # Build with the environment's setuptools: no download of build requirements.
             cmd.append("--no-build-isolation")
         res = run(cmd + [build_dir])

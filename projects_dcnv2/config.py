@@ -34,16 +34,14 @@ def add_dcnv2_config(cfg):
     cfg.MODEL.ROI_BOX_HEAD.MIMIC.CLS_LOSS_WEIGHT = 0.1
 
 
-def load_dcnv2_config(config_file, opts=(), score_thresh_test=None):
+def load_dcnv2_config(config_file, opts=()):
     """A frozen config (train_net.py and the tools): Detectron2 defaults + DCNv2 keys + the
-    file + ``opts`` (a KEY VALUE list); ``score_thresh_test`` overrides the detection threshold."""
+    file + ``opts`` (a KEY VALUE list)."""
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_dcnv2_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    if score_thresh_test is not None:
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_thresh_test
     cfg.freeze()
     return cfg

@@ -27,21 +27,15 @@ DEFAULT_PAIRS = (
 
 
 def _build(config, device):
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from projects_dcnv2 import add_dcnv2_config
+    from projects_dcnv2 import load_dcnv2_config
 
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", config + ".yaml"))
-    cfg.MODEL.DEVICE = device
-    cfg.MODEL.WEIGHTS = ""
     # Every model keeps exactly TEST.DETECTIONS_PER_IMAGE detections: with random weights the
     # number above the usual 0.05 score threshold depends on the features, and the mask head's
     # work with it, which would time the detections rather than the backbone.
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    return build_model(cfg).eval()
+    opts = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
+    return build_model(load_dcnv2_config(os.path.join(ROOT, "configs", config + ".yaml"), opts)).eval()
 
 
 def _inputs(size, device):

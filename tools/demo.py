@@ -32,7 +32,8 @@ _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def setup_cfg(args):
-    return load_dcnv2_config(args.config_file, args.opts, score_thresh_test=args.confidence_threshold)
+    threshold = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.confidence_threshold]
+    return load_dcnv2_config(args.config_file, list(args.opts) + threshold)
 
 
 def expand_inputs(items):

@@ -144,7 +144,8 @@ def draw_bins(image, detections, path, class_names, panel_inches=4.0):
 
 
 def setup_cfg(args):
-    return load_dcnv2_config(args.config_file, args.opts, score_thresh_test=args.confidence_threshold)
+    threshold = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.confidence_threshold]
+    return load_dcnv2_config(args.config_file, list(args.opts) + threshold)
 
 
 def _parse_positions(items):
