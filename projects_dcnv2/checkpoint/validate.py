@@ -3,7 +3,8 @@
 Two scopes:
 
 * ``"model"`` (a whole MMDetection detector): the key sets must be equal and every shape must
-  match; nothing may be missing, nothing left over.
+  match; nothing may be left over, and only what such a detector never has may be missing: the
+  mdpool FCs of a checkpoint without mdpool, the mimic branch's classifier (newly initialised).
 * ``"backbone"`` (ImageNet initialisation: torchvision, or an MMDetection backbone only): every
   checkpoint key must exist in the model's ResNet with the same shape and every ResNet key must
   be provided, except the DCNv2 offset convs, which stay zero-initialised. Keys outside the
@@ -73,8 +74,7 @@ def check_checkpoint_fits(
         name: how to call the checkpoint in messages (e.g. its path).
 
     Returns:
-        dict component -> model keys the checkpoint leaves at their initialisation (empty for
-        scope "model").
+        dict component -> model keys the checkpoint leaves at their initialisation.
     """
     if scope not in ("model", "backbone"):
         raise ValueError(f"scope must be 'model' or 'backbone', got {scope!r}")
@@ -89,12 +89,16 @@ def check_checkpoint_fits(
     )
 
     expected_missing = collections.defaultdict(list)
-    if scope == "backbone":
-        for k in sorted(missing):
-            in_resnet = k.startswith(bottom_up_prefix)
-            if not in_resnet or component_of(k, bottom_up_prefix) == "offset convs":
-                expected_missing[component_of(k, bottom_up_prefix)].append(k)
-        missing -= {k for keys in expected_missing.values() for k in keys}
+    ckpt_has_mdpool = any(component_of(k, bottom_up_prefix) == "mdpool" for k in ckpt_keys)
+    for k in sorted(missing):
+        component = component_of(k, bottom_up_prefix)
+        if scope == "backbone":
+            fresh = not k.startswith(bottom_up_prefix) or component == "offset convs"
+        else:  # a detector without mdpool fine-tuned with it; the training-only mimic classifier
+            fresh = (component == "mdpool" and not ckpt_has_mdpool) or ".mimic." in k
+        if fresh:
+            expected_missing[component].append(k)
+    missing -= {k for keys in expected_missing.values() for k in keys}
 
     problems = _diagnose(unexpected, missing, shapes, bottom_up_prefix)
     if problems:
@@ -155,8 +159,8 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
          "box pooler has no parameters: use configs/faster_rcnn_R50_FPN_mdpool.yaml "
          "(MODEL.ROI_HEADS.NAME: MDPoolROIHeads).\n"),
         (missing, "mdpool",
-         "- the model pools boxes with mdpool (MDPoolROIHeads) but the checkpoint has no mdpool "
-         "weights: use a config without MDPoolROIHeads.\n"),
+         "- the model pools boxes with mdpool (MDPoolROIHeads) but the checkpoint has only some "
+         "of its weights.\n"),
         (unexpected, "offset convs",
          "- the checkpoint has DCNv2 (mdconv) offset convs in {stages} but the model's ResNet has "
          "no deformable convs there: use a *_mdconv*.yaml config "
