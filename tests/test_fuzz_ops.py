@@ -46,7 +46,7 @@ import projects_dcnv2.layers  # noqa: F401  (loads the extension: registers torc
 HAS_EMULATION = hasattr(torch.ops.dcnv2, "_emulated_cuda_modulated_deform_conv2d")
 HAS_CUDA = torch.cuda.is_available() and projects_dcnv2.layers.WITH_CUDA
 # examples per test when DCNV2_FUZZ_EXAMPLES is unset: the emulation runs the GPU grid serially
-BUDGET = {"cpu": 150, "emulated": 40, "cuda": 150}
+BUDGET = {"cpu": 400, "emulated": 40, "cuda": 300}
 FUZZ_EXAMPLES = os.environ.get("DCNV2_FUZZ_EXAMPLES")
 FUZZ_SEED = int(os.environ.get("DCNV2_FUZZ_SEED", "0"))
 EXAMPLE_TIMEOUT_S = float(os.environ.get("DCNV2_FUZZ_TIMEOUT", "120"))
@@ -93,6 +93,11 @@ POOL_MUTATIONS = {
 }
 
 
+def _size(draw, high, zero_weight=1):
+    """0 (an edge, drawn about once in `high / zero_weight + 1` times) or 1..high."""
+    return draw(st.sampled_from(list(range(1, high + 1)) + [0] * zero_weight))
+
+
 def _mutation(draw, table, backend):
     if draw(st.integers(0, 3)) != 0:
         return None
@@ -105,8 +110,8 @@ def _common(draw, backend):
         backend=backend,
         dtype=draw(st.sampled_from(DTYPES[backend])),
         layout=draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
-        offset_scale=draw(st.sampled_from([0.0, 1e-6, 0.5, 3.0, 1e4])),
-        nonfinite=draw(st.sampled_from([None, None, None, "nan", "inf", "-inf"])),
+        offset_scale=draw(st.sampled_from([0.5, 3.0, 0.0, 1e-6, 1e4])),
+        nonfinite=draw(st.sampled_from([None] * 6 + ["nan", "inf", "-inf"])),
         threads=draw(st.sampled_from([1, 2])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
@@ -117,7 +122,7 @@ def conv_examples(draw, backend):
     small = backend == "emulated"
     groups = draw(st.sampled_from([1, 1, 2, 3]))
     dg = draw(st.sampled_from([1, 1, 2, 3, 4]))
-    h, w = draw(st.integers(0, 6 if small else 9)), draw(st.integers(0, 6 if small else 9))
+    h, w = _size(draw, 6 if small else 9), _size(draw, 6 if small else 9)
     kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 4))
     stride = [draw(st.integers(1, 4)), draw(st.integers(1, 4))]
     dilation = [draw(st.integers(1, 4)), draw(st.integers(1, 4))]
@@ -126,8 +131,8 @@ def conv_examples(draw, backend):
         padding[i] = max(padding[i], math.ceil((dilation[i] * (k - 1) + 1 - size) / 2))
     spec = _common(draw, backend)
     spec.update(
-        op="mdconv", n=draw(st.integers(0, 2 if small else 3)),
-        c=math.lcm(groups, dg) * draw(st.sampled_from([1, 1, 2, 0])), c_out=groups * draw(st.integers(0, 3)),
+        op="mdconv", n=_size(draw, 2 if small else 3),
+        c=math.lcm(groups, dg) * draw(st.sampled_from([1, 1, 1, 2, 2, 0])), c_out=groups * _size(draw, 3),
         h=h, w=w, kernel=[kh, kw], stride=stride, padding=padding, dilation=dilation, groups=groups, dg=dg,
         bias=draw(st.booleans()), api=draw(st.sampled_from(["op", "functional", "functional_no_mask"]))
         if backend != "emulated" else "op",
@@ -143,15 +148,15 @@ ROI_KINDS = ["inside", "inside", "inverted", "degenerate", "outside", "large"]
 @st.composite
 def pool_examples(draw, backend):
     small = backend == "emulated"
-    n = draw(st.integers(0, 3))
+    n = _size(draw, 3)
+    no_rois = n == 0 or draw(st.integers(0, 7)) == 7
     spec = _common(draw, backend)
     spec.update(
-        op="pool", n=n, c=draw(st.integers(0, 4)), h=draw(st.integers(0, 6 if small else 10)),
-        w=draw(st.integers(0, 6 if small else 10)),
-        rois=draw(st.lists(st.sampled_from(ROI_KINDS), max_size=0 if n == 0 else 3 if small else 5)),
+        op="pool", n=n, c=_size(draw, 4), h=_size(draw, 6 if small else 10), w=_size(draw, 6 if small else 10),
+        rois=[] if no_rois else draw(st.lists(st.sampled_from(ROI_KINDS), min_size=1, max_size=3 if small else 5)),
         output_size=[draw(st.integers(1, 4)), draw(st.integers(1, 4))],
         spatial_scale=draw(st.sampled_from([0.25, 0.5, 1.0, 2.0])), sampling_ratio=draw(st.integers(0, 4)),
-        gamma=draw(st.sampled_from([0.0, 0.1, 1.0])), offset=draw(st.booleans()),
+        gamma=draw(st.sampled_from([0.1, 1.0, 0.0])), offset=draw(st.sampled_from([True, True, False])),
         api=draw(st.sampled_from(["op", "functional"])) if backend != "emulated" else "op",
         mutation=_mutation(draw, POOL_MUTATIONS, backend),
     )
@@ -460,7 +465,9 @@ def _mutate_conv(a, name, t):
         for key in ("input", "offset", "mask", "weight", "bias", "grad"):
             a[key] = None if a[key] is None else a[key].round().long()
     elif name == "padding_too_small":
-        a["padding"] = [0, 0]
+        # stride 1: with stride > 1 csrc still returns a 1x1 output (test_op_errors.py,
+        # test_input_smaller_than_the_kernel_is_an_error_at_every_stride, xfail until fixed)
+        a["padding"], a["stride"] = [0, 0], [1, 1]
         a["input"] = a["input"][:, :, :1, :1]
         a["weight"] = ri(*a["weight"].shape[:2], 2 + a["weight"].shape[2], a["weight"].shape[3])
     elif name == "grad_output_shape":
