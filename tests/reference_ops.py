@@ -1,6 +1,6 @@
 """Slow, obviously-correct pure-PyTorch references for the two DCNv2 operators.
 
-They are written from the semantics in docs (FACTS §2.1, §2.3, §3.4), not from any kernel, and are
+They are written from docs/semantics.md ("Border rules", "Deformable RoI pooling"), not from any kernel, and are
 differentiable through autograd so that they also give reference gradients.
 
 Shape shorthand: N batch, C channels, H x W input size, Ho x Wo output size, K = kh * kw kernel taps,
@@ -30,7 +30,7 @@ def conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
 # Modulated deformable convolution
 # ------------------------------------------------------------------------------------------------
 def _dcn_bilinear(feat: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """DCN "zero fade" bilinear sampling (FACTS §2.1).
+    """DCN "zero fade" bilinear sampling (docs/semantics.md, "Border rules": the convolution rule).
 
     Args:
         feat: (B, c, H, W) feature map, one deformable group of one image per row of B.
@@ -72,7 +72,7 @@ def mdconv2d_ref(
     groups: int = 1,
     deformable_groups: int = 1,
 ) -> torch.Tensor:
-    """Modulated deformable convolution by explicit sampling (FACTS §1.3, §2.1).
+    """Modulated deformable convolution by explicit sampling (docs/semantics.md, "mdconv").
 
     Args:
         input: (N, C, H, W).
@@ -120,12 +120,12 @@ def mdconv2d_ref(
 # Deformable RoI pooling (MMCV RoIAlign-style)
 # ------------------------------------------------------------------------------------------------
 def _roialign_bilinear(feat: torch.Tensor, y: torch.Tensor, x: torch.Tensor, offset_grad: str) -> torch.Tensor:
-    """RoIAlign-style bilinear sampling (FACTS §2.3) of feat (C, H, W) at M points y, x (M,).
+    """RoIAlign-style bilinear sampling (docs/semantics.md, "Border rules") of feat (C, H, W) at M points y, x (M,).
 
     offset_grad selects the gradient w.r.t. y and x:
       "exact": the derivative of this (piecewise) function, as autograd sees it (what gradcheck checks);
       "mmcv":  MMCV's deform_roi_pool backward, which evaluates the corner differences at the
-               *unclamped* coordinates (FACTS §3.4 "Quirks"); identical to "exact" away from the border.
+               *unclamped* coordinates (docs/semantics.md, "Where we differ"); identical to "exact" away from the border.
     The gradient w.r.t. feat is the same in both modes.
     Returns (C, M).
     """
@@ -175,7 +175,7 @@ def deform_roi_pool_ref(
     gamma: float = 0.1,
     offset_grad: str = "exact",
 ) -> torch.Tensor:
-    """MMCV RoIAlign-style deformable RoI pooling by explicit per-bin sampling (FACTS §3.4).
+    """MMCV RoIAlign-style deformable RoI pooling by explicit per-bin sampling (docs/semantics.md, "mdpool").
 
     Args:
         input: (N, C, H, W).

@@ -1,7 +1,7 @@
 """Model-zoo weights: MMDetection / torchvision checkpoints -> this project's Detectron2 models.
 
 No network and no real checkpoint: every MMDetection file here is written by the test, either from
-a hand-written key table (the names of facts sections 4.2-4.3) or by exporting one of our models
+a hand-written key table (docs/semantics.md, "MMDetection checkpoints") or by exporting one of our models
 through ``convert_d2_to_mmdet``. Most models are the seed configs with reduced widths (same key
 names, same block counts); the full-size Mask R-CNN mdconv is built once for the exact-shape checks.
 """
@@ -119,7 +119,8 @@ def save(obj, path, legacy=False):
 
 def mmdet_r50_fpn_layout(*, dg=1, dcn=True, mask=False, mdpool=False):
     """{key: shape} of an MMDetection 2.x R-50-FPN Faster/Mask R-CNN checkpoint, written from
-    MMDetection's module structure (facts sections 3.2, 4.1-4.3), independently of our mapping."""
+    MMDetection's module structure (docs/semantics.md, "Deformable RoI pooling" and
+    "MMDetection checkpoints"), independently of our mapping."""
     shapes = {}
 
     def bn(prefix, c):

@@ -2,7 +2,8 @@
 
 The offset gradient is compared with the exact derivative of the forward (what gradcheck checks).
 MMCV's kernel evaluates it at unclamped coordinates, which differs only for samples in the one-pixel
-border band (FACTS §3.4 "Quirks"); `reference_ops.deform_roi_pool_ref(offset_grad="mmcv")` models that.
+border band (docs/semantics.md, "Where we differ from MMCV");
+`reference_ops.deform_roi_pool_ref(offset_grad="mmcv")` models that.
 """
 from typing import NamedTuple, Tuple, Union
 
@@ -126,7 +127,7 @@ def test_forward_backward_match_reference(case):
 
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
 def test_inverted_rois_match_reference(sampling_ratio):
-    """x2 < x1 or y2 < y1: no minimum size (FACTS §3.4); with an adaptive grid there are no samples (0)."""
+    """x2 < x1 or y2 < y1: no minimum size (docs/semantics.md, "mdpool"); an adaptive grid has no samples (0)."""
     x = torch.randn(2, 2, 8, 9, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0, 30.0, 4.0, 6.0, 20.0], [1, 5.0, 28.0, 25.0, 3.0], [1, 30.0, 27.0, 2.0, 3.0],
                          [0, 10.0, 12.0, 10.5, 13.2]], dtype=torch.float64)  # the last is a normal tiny RoI
@@ -383,7 +384,7 @@ def _randomise(module, std=0.05):
 
 
 def _two_pass_reference(pack, x, rois, P, scale, sr, gamma, modulated):
-    """FACTS §3.3 spelled out with the reference op."""
+    """The two passes of docs/semantics.md ("Deformable RoI pooling") spelled out with the reference op."""
     feat = deform_roi_pool_ref(x, rois, None, P, scale, sr, gamma)
     flat = feat.flatten(1)
     offset = pack.offset_fc(flat).view(rois.shape[0], 2, *pair(P))

@@ -1,7 +1,7 @@
 """Tests of modulated_deform_conv2d (CPU) and its modules against torchvision and a naive reference.
 
 Offsets are random and non-integer, so no sample lands exactly on y = -1 or x = -1, the only place
-where torchvision's offset gradient differs from MMCV's (FACTS §2.2).
+where torchvision's offset gradient differs from MMCV's (docs/semantics.md, "Where we differ from MMCV").
 """
 import os
 import subprocess
@@ -328,7 +328,7 @@ def test_module_matches_functional():
 
 
 def _pack_reference(pack, x, dg, K):
-    """What the Pack must compute, spelled out (FACTS §1.2)."""
+    """What the Pack must compute, spelled out (docs/semantics.md, "The Pack")."""
     out = F.conv2d(x, pack.conv_offset.weight, pack.conv_offset.bias, pack.conv_offset.stride,
                    pack.conv_offset.padding, pack.conv_offset.dilation)
     offset, mask = out[:, : 2 * dg * K], torch.sigmoid(out[:, 2 * dg * K:])
@@ -408,7 +408,7 @@ def _legacy_state_dict(prefix):
 
 @pytest.mark.parametrize("nested", [False, True], ids=["child", "grandchild"])
 def test_pack_loads_legacy_sibling_offset_keys(nested):
-    """Legacy checkpoints store the offset conv as `<name>_offset.*` next to `<name>.weight` (FACTS §1.1).
+    """Legacy checkpoints store the offset conv as `<name>_offset.*` next to `<name>.weight` (docs/semantics.md, "mdconv").
 
     nn.Module.load_state_dict hands a child only the keys under its own prefix, so the rename is done
     on the root's state dict by `upgrade_legacy_offset_keys` before loading.

@@ -70,7 +70,8 @@ def test_mdconv_r50_has_13_deformable_blocks_in_c3_c5(name, dg):
             assert block.conv2.weight.shape == (width, width, 3, 3)
     n = sum(isinstance(m, ModulatedDeformBottleneckBlock) for m in model.modules())
     assert n == 13
-    # Checkpoint keys that MMDetection's layerL.B.conv2(.conv_offset) / bnK map onto (facts §4.2).
+    # Checkpoint keys that MMDetection's layerL.B.conv2(.conv_offset) / bnK map onto
+    # (docs/semantics.md, "MMDetection checkpoints").
     keys = model.state_dict()
     assert keys["backbone.bottom_up.res3.0.conv2_offset.weight"].shape == (27 * dg, 128, 3, 3)
     assert keys["backbone.bottom_up.res5.2.conv2_offset.bias"].shape == (27 * dg,)
