@@ -9,12 +9,17 @@ Why the two must agree (no BatchNorm here: GroupNorm, so no statistic crosses im
 * ROI-head losses are means over the sampled proposals of the batch. Each image contributes
   exactly ``ROI_HEADS.BATCH_SIZE_PER_IMAGE`` proposals (checked below), so these too are the mean
   of the per-image losses.
+* With R-CNN feature mimicking (the ``dcnv2_mimic`` case), ``loss_mimic`` and ``loss_mimic_cls``
+  are sums over the sampled foreground RoIs divided by ``MIMIC.ROIS_PER_IMAGE x images``, also a
+  fixed count; each crop goes through the backbone on its own (GroupNorm), so the crops of one
+  image do not depend on the other image either.
 * DistributedDataParallel averages the ranks' gradients, i.e. takes the gradient of the mean of
   the ranks' losses: the same mean as above.
 
 Detectron2 samples anchors and proposals with ``torch.randperm``, whose stream depends on how
 many images a process handled before; both runs use a deterministic sampler instead (the first
-positives and negatives, same counts as Detectron2), so each image gets the same samples in both.
+positives and negatives, same counts as Detectron2), so each image gets the same samples in both;
+the mimic branch's random choice of foreground RoIs is replaced the same way.
 
 The model runs in float64 (the mdpool pooler upcasts only half precision): in float32
 the batch-of-2 and batch-of-1 convolutions round differently, and with this seed one ReLU input
@@ -38,6 +43,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from projects_dcnv2 import add_dcnv2_config
+from projects_dcnv2.modeling import mimic
 
 CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -50,6 +56,12 @@ OPTS = [
     "MODEL.RESNETS.DEFORM_MODULATED", "True",
     "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+]  # fmt: skip
+MIMIC_OPTS = [
+    "MODEL.META_ARCHITECTURE", "MimicRCNN",
+    "MODEL.ROI_BOX_HEAD.MIMIC.ENABLED", "True",
+    "MODEL.ROI_BOX_HEAD.MIMIC.ROIS_PER_IMAGE", "2",
+    "MODEL.ROI_BOX_HEAD.MIMIC.CROP_SIZE", "32",
 ]  # fmt: skip
 SIZE = 64  # both images the same size: no batch padding, which would change the anchors
 LR = 1.0  # plain SGD (no momentum, no weight decay): the update is -LR x gradient
@@ -71,6 +83,11 @@ def _first_k_full(labels, num_samples, positive_fraction, bg_label):
     return pos, neg
 
 
+def _first_foreground(gt_classes, num_classes, max_num):
+    """The mimic branch's ``subsample_foreground`` with the first foreground RoIs."""
+    return nonzero_tuple((gt_classes >= 0) & (gt_classes < num_classes))[0][:max_num]
+
+
 _batched_nms = proposal_utils.batched_nms
 
 
@@ -84,15 +101,16 @@ PATCHES = [
     (rpn, "subsample_labels", _first_k),
     (roi_heads, "subsample_labels", _first_k_full),
     (proposal_utils, "batched_nms", _nms_float64),
+    (mimic, "subsample_foreground", _first_foreground),
 ]
 
 
-def _build():
+def _build(extra_opts):
     """The model in float64; the same initial weights in every process."""
     cfg = get_cfg()
     add_dcnv2_config(cfg)
     cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(OPTS)
+    cfg.merge_from_list(OPTS + extra_opts)
     torch.manual_seed(0)
     model = build_model(cfg).double()
     return model.train()
@@ -126,11 +144,11 @@ def _sgd_step(model, images):
     return grads, {k: p.detach().clone() for k, p in module.named_parameters()}
 
 
-def _worker(init_path, out_dir):
+def _worker(init_path, out_dir, extra_opts):
     torch.set_num_threads(1)
     for module, name, value in PATCHES:
         setattr(module, name, value)
-    model = _build()
+    model = _build(extra_opts)
     model.load_state_dict(torch.load(init_path))
     # Detectron2's create_ddp_model passes device_ids, which CPU modules reject.
     ddp = DistributedDataParallel(model)
@@ -146,14 +164,16 @@ def _relative_error(actual, expected):
     return ((actual - expected).abs().max() / scale).item()
 
 
-def test_two_ranks_one_image_each_equal_one_rank_two_images(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra_opts", [[], MIMIC_OPTS], ids=["dcnv2", "dcnv2_mimic"])
+def test_two_ranks_one_image_each_equal_one_rank_two_images(tmp_path, monkeypatch, extra_opts):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the spawned workers
     for module, name, value in PATCHES:
         monkeypatch.setattr(module, name, value)
-    model = _build()
+    model = _build(extra_opts)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save(init, tmp_path / "init.pth")
-    launch(_worker, 2, dist_url="auto", args=(str(tmp_path / "init.pth"), str(tmp_path)))
+    args = (str(tmp_path / "init.pth"), str(tmp_path), extra_opts)
+    launch(_worker, 2, dist_url="auto", args=args)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pth") for r in (0, 1))
 
     grads, params = _sgd_step(model, _images())
@@ -168,6 +188,10 @@ def test_two_ranks_one_image_each_equal_one_rank_two_images(tmp_path, monkeypatc
     # zero weights and the other levels see no RoI: zero gradients, compared all the same).
     last_fcs = (".level_poolers.0.offset_fc.4.", ".level_poolers.0.mask_fc.2.")
     learning = offset + [k for k in mdpool if any(f in k for f in last_fcs)]
+    if extra_opts:  # the R-CNN branch's own classifier
+        classifier = [k for k in grads if k.startswith("roi_heads.mimic.")]
+        assert len(classifier) == 2
+        learning += classifier
     for k in learning:
         assert grads[k].abs().max() > 0, k
 
