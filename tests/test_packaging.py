@@ -141,18 +141,21 @@ def test_import_registers_the_detectron2_components():
 # ------------------------------------------------------------------------------------------------
 # pip install into a user's own environment.
 #
-# A pairwise cover of (pip, setuptools, wheel): pip 23.2.1 + setuptools 80 + wheel is the
+# A pairwise cover of (pip, setuptools, wheel). pip 23.2.1 + setuptools 80 + wheel is the
 # combination in which `pip install -e .` once fell back to `setup.py develop` (which re-ran pip
-# with build isolation: "No module named 'torch'"). Each case is a fresh venv that sees the torch of
-# the interpreter running the tests through a .pth file (the way `--system-site-packages` would for
-# a system-wide torch), installs `.` and `-e .` with --no-build-isolation, and imports the result
-# from outside the source tree. The extension is built CPU-only (DCNV2_WITH_CUDA=0) to keep CI's
-# time; all cases share one copy of the tree, so ninja recompiles nothing after the first build.
+# with build isolation: "No module named 'torch'"); it installs both ways. The other cases install
+# `.` only: they share the copy's build/ folder, so ninja compiles nothing after the first build,
+# while each editable build compiles from scratch in a temporary folder (minutes on 2 cores);
+# `make setup` itself is the editable install with pip 23.2.1, setuptools 84 and no wheel.
+# Each case is a fresh venv that sees the torch of the interpreter running the tests through a
+# .pth file (the way `--system-site-packages` would show a system-wide torch), installs with
+# --no-build-isolation and imports the result from outside the source tree. The extension is
+# built CPU-only (DCNV2_WITH_CUDA=0) to keep CI's time.
 PIP_MATRIX = [
-    ("23.2.1", "80.9.0", True),
-    ("23.2.1", "84.0.0", False),
-    ("26.2.1", "80.9.0", False),
-    ("26.2.1", "84.0.0", True),
+    ("23.2.1", "80.9.0", True, (False, True)),
+    ("23.2.1", "84.0.0", False, (False,)),
+    ("26.2.1", "80.9.0", False, (False,)),
+    ("26.2.1", "84.0.0", True, (False,)),
 ]
 
 IMPORT_CHECK = """
@@ -221,8 +224,12 @@ def _venv(path: Path, pip: str, setuptools: str, wheel: bool) -> Path:
     return python
 
 
-@pytest.mark.parametrize("pip,setuptools,wheel", PIP_MATRIX, ids=lambda v: str(v))
-def test_pip_install_into_own_environment(source_copy, tmp_path, pip, setuptools, wheel):
+@pytest.mark.parametrize(
+    "pip,setuptools,wheel,modes",
+    PIP_MATRIX,
+    ids=[f"pip{p}-setuptools{s}-{'wheel' if w else 'nowheel'}" for p, s, w, _ in PIP_MATRIX],
+)
+def test_pip_install_into_own_environment(source_copy, tmp_path, pip, setuptools, wheel, modes):
     python = _venv(tmp_path / "venv", pip, setuptools, wheel)
     versions = run_python(
         "import importlib.util as u, importlib.metadata as m;"
@@ -231,7 +238,7 @@ def test_pip_install_into_own_environment(source_copy, tmp_path, pip, setuptools
     ).split()
     assert versions == [pip, setuptools, str(wheel)]
     env = dict(os.environ, DCNV2_WITH_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
-    for editable in (False, True):
+    for editable in modes:
         cmd = [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps"]
         cmd += ["-e", str(source_copy)] if editable else [str(source_copy)]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)

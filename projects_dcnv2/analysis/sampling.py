@@ -22,17 +22,6 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = [
-    "DeformField",
-    "capture_deform_fields",
-    "compose_sampling_locations",
-    "deformable_blocks",
-    "deformed_bins",
-    "field_from_conv_offset",
-    "select_fields",
-    "unit_centres",
-]
-
 
 @dataclass
 class DeformField:
