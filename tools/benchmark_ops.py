@@ -7,6 +7,12 @@ F.conv2d run in turn, round after round, then ours and torchvision likewise; pri
 the medians of the per-round ratios for the device it runs on; --json writes them for
 docs/benchmarks.md.
 
+On CPU in float32, when onnxruntime is installed, it also times ONNX Runtime's DeformConv (our op
+exported by projects_dcnv2.export, forward only, in rounds with ours) and a model-level row: a
+ResNet-50-FPN with mdconv in c3-c5 (torchvision's ResNet and FPN, random weights) exported to ONNX
+and run in ONNX Runtime vs eager PyTorch. ONNX Runtime uses as many threads as PyTorch, with
+session.intra_op.allow_spinning=0 (idle threads that spin slow down whatever runs next).
+
     python tools/benchmark_ops.py [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--repeat 10] [--json out.json]
 """
 import argparse
@@ -84,7 +90,104 @@ def _machine(device):
     return f"{_cpu_name()}, {torch.get_num_threads()} threads, {kernels} CPU loops"
 
 
-def bench_conv(name, channels, h, w, dg, device, dtype, repeat):
+def _onnxruntime():
+    """The onnxruntime module, or None where it is not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+def _ort_session(ort, model_proto):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+class _ExplicitMdconv(torch.nn.Module):
+    def __init__(self, weight, dg):
+        super().__init__()
+        self.weight, self.dg = torch.nn.Parameter(weight.detach().clone()), dg
+
+    def forward(self, x, offset, mask):
+        return modulated_deform_conv2d(x, offset, mask, self.weight, padding=1, deformable_groups=self.dg)
+
+
+def bench_onnxruntime_conv(ort, x, offset, mask, weight, dg, repeat):
+    """Our forward vs ONNX Runtime's DeformConv running our exported op, in rounds of their own."""
+    from projects_dcnv2.export import export_onnx
+
+    x, offset, mask = (t.detach() for t in (x, offset, mask))
+    with torch.no_grad():
+        session = _ort_session(ort, export_onnx(_ExplicitMdconv(weight, dg), (x, offset, mask)))
+        feed = dict(zip((i.name for i in session.get_inputs()), (t.numpy() for t in (x, offset, mask))))
+        expected = modulated_deform_conv2d(x, offset, mask, weight, padding=1, deformable_groups=dg)
+        error = (torch.from_numpy(session.run(None, feed)[0]) - expected).abs().max().item()
+        if error > 1e-3:
+            raise RuntimeError(f"ONNX Runtime's DeformConv differs from ours by {error:.3g}")
+        times = _time_rounds(
+            {"ours": lambda: modulated_deform_conv2d(x, offset, mask, weight, padding=1, deformable_groups=dg),
+             "onnxruntime": lambda: session.run(None, feed)}, "cpu", repeat)
+    return {"onnxruntime_fwd_ms": 1e3 * statistics.median(times["onnxruntime"]),
+            "onnxruntime/ours_fwd": statistics.median(a / b for a, b in zip(times["onnxruntime"], times["ours"]))}
+
+
+def mdconv_resnet50_fpn():
+    """torchvision's ResNet-50-FPN (random weights, frozen BN) with ModulatedDeformConv2dPack as
+    the 3x3 of every block in c3-c5, offsets and masks predicted by random (not zero) convs."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from projects_dcnv2.layers import ModulatedDeformConv2dPack
+
+    g = torch.manual_seed(0)
+    model = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=0)
+    for stage in (model.body.layer2, model.body.layer3, model.body.layer4):
+        for block in stage:
+            conv = block.conv2
+            dcn = ModulatedDeformConv2dPack(conv.in_channels, conv.out_channels, 3, stride=conv.stride, padding=1,
+                                            bias=False)
+            dcn.weight.data.copy_(conv.weight.data)
+            torch.nn.init.normal_(dcn.conv_offset.weight, std=1e-3, generator=g)
+            block.conv2 = dcn
+    return model.eval()
+
+
+class _TupleOutputs(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return tuple(self.model(x).values())
+
+
+def bench_onnxruntime_model(ort, repeat, size=(800, 1216)):
+    """The mdconv ResNet-50-FPN in ONNX Runtime vs eager PyTorch, inference on one image."""
+    from projects_dcnv2.export import export_onnx
+
+    model = _TupleOutputs(mdconv_resnet50_fpn())
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        session = _ort_session(ort, export_onnx(model, (x,)))
+        name = session.get_inputs()[0].name
+        got = session.run(None, {name: x.numpy()})
+        expected = model(x)
+        error = max((torch.from_numpy(a) - b).abs().max().item() / max(1.0, b.abs().max().item())
+                    for a, b in zip(got, expected))
+        if error > 1e-3:
+            raise RuntimeError(f"the exported backbone differs from eager by {error:.3g} (relative)")
+        times = _time_rounds({"eager": lambda: model(x), "onnxruntime": lambda: session.run(None, {name: x.numpy()})},
+                             "cpu", repeat, warmup=1)
+    return {"shape": f"ResNet-50-FPN, mdconv c3-c5, 1x3x{size[0]}x{size[1]}",
+            "eager_ms": 1e3 * statistics.median(times["eager"]),
+            "onnxruntime_ms": 1e3 * statistics.median(times["onnxruntime"]),
+            "onnxruntime/eager": statistics.median(a / b for a, b in zip(times["onnxruntime"], times["eager"])),
+            "max_relative_difference": error}
+
+
+def bench_conv(name, channels, h, w, dg, device, dtype, repeat, ort=None):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, channels, h, w, generator=g).to(device, dtype).requires_grad_()
     weight = (torch.randn(channels, channels, 3, 3, generator=g) * 0.05).to(device, dtype).requires_grad_()
@@ -111,6 +214,8 @@ def bench_conv(name, channels, h, w, dg, device, dtype, repeat):
         # ratios: medians of the per-round ratios (the two cases of a round ran back to back)
         row[f"ours/conv2d_{phase}"] = statistics.median(a / b for a, b in zip(conv["ours"], conv["conv2d"]))
         row[f"torchvision/ours_{phase}"] = statistics.median(a / b for a, b in zip(tv["torchvision"], tv["ours"]))
+    if ort is not None:
+        row.update(bench_onnxruntime_conv(ort, x, offset, mask, weight, dg, repeat))
     return row
 
 
@@ -158,8 +263,11 @@ def main():
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--fresh-memory", action="store_true",
                         help="CPU: leave glibc's default of unmapping large freed buffers (page faults included)")
+    parser.add_argument("--no-onnxruntime", action="store_true", help="CPU: skip the ONNX Runtime column and row")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    use_ort = args.device == "cpu" and dtype == torch.float32 and not args.no_onnxruntime
+    ort = _onnxruntime() if use_ort else None
     kept = args.device == "cpu" and not args.fresh_memory and _keep_freed_memory()
     result = {"device": args.device, "machine": _machine(args.device), "dtype": args.dtype,
               "torch": torch.__version__, "torchvision": torchvision.__version__, "conv": [], "pool": None,
@@ -172,7 +280,7 @@ def main():
     print("|" + "---|" * len(header))
     for dg in (1, 4):
         for name in args.stages.split(","):
-            r = bench_conv(name, *STAGES[name], dg, args.device, dtype, args.repeat)
+            r = bench_conv(name, *STAGES[name], dg, args.device, dtype, args.repeat, ort)
             result["conv"].append(r)
             print(
                 f"| {name} | {dg} | {r['ours_fwd_ms']:.1f} / {r['conv2d_fwd_ms']:.1f} / {r['torchvision_fwd_ms']:.1f} "
@@ -185,6 +293,19 @@ def main():
     result["pool"] = p
     print(f"\nmdpool (two passes, no FCs) vs roi_align, {p['shape']}: {p['ours_ms']:.1f} ms vs "
           f"{p['roi_align_ms']:.1f} ms = {p['ours/roi_align']:.2f}x")
+    if ort is not None:
+        print(f"\nONNX Runtime {ort.__version__} DeformConv (our op exported), forward, {torch.get_num_threads()} "
+              "threads, allow_spinning=0; ort/conv = (ort/ours) x (ours/conv)")
+        print("| shape | dg | fwd ms ours / ort | ort/ours | ort/conv |\n|---|---|---|---|---|")
+        for r in result["conv"]:
+            print(f"| {r['shape']} | {r['dg']} | {r['ours_fwd_ms']:.1f} / {r['onnxruntime_fwd_ms']:.1f} "
+                  f"| {r['onnxruntime/ours_fwd']:.2f}x | {r['onnxruntime/ours_fwd'] * r['ours/conv2d_fwd']:.2f}x |")
+        m = bench_onnxruntime_model(ort, max(3, args.repeat // 2))
+        result["onnxruntime"] = {"version": ort.__version__, "model": m}
+        print(f"\n{m['shape']}: eager {m['eager_ms']:.0f} ms, ONNX Runtime {m['onnxruntime_ms']:.0f} ms = "
+              f"{m['onnxruntime/eager']:.2f}x eager (outputs within {m['max_relative_difference']:.1g} relative)")
+    elif use_ort:
+        print("\n(onnxruntime is not installed: no ONNX Runtime column)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
