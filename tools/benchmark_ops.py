@@ -15,6 +15,7 @@ session.intra_op.allow_spinning=0 (idle threads that spin slow down whatever run
 
     python tools/benchmark_ops.py [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--repeat 10] [--json out.json]
 """
+
 import argparse
 import json
 import platform
@@ -69,7 +70,9 @@ def _keep_freed_memory():
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
     big = 1 << 30
-    return bool(libc.mallopt(m_trim_threshold, big)) and bool(libc.mallopt(m_mmap_threshold, 1 << 25))
+    return bool(libc.mallopt(m_trim_threshold, big)) and bool(
+        libc.mallopt(m_mmap_threshold, 1 << 25)
+    )
 
 
 def _cpu_name():
@@ -103,7 +106,9 @@ def _ort_session(ort, model_proto):
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 class _ExplicitMdconv(torch.nn.Module):
@@ -112,7 +117,9 @@ class _ExplicitMdconv(torch.nn.Module):
         self.weight, self.dg = torch.nn.Parameter(weight.detach().clone()), dg
 
     def forward(self, x, offset, mask):
-        return modulated_deform_conv2d(x, offset, mask, self.weight, padding=1, deformable_groups=self.dg)
+        return modulated_deform_conv2d(
+            x, offset, mask, self.weight, padding=1, deformable_groups=self.dg
+        )
 
 
 def bench_onnxruntime_conv(ort, x, offset, mask, weight, dg, repeat):
@@ -122,16 +129,29 @@ def bench_onnxruntime_conv(ort, x, offset, mask, weight, dg, repeat):
     x, offset, mask = (t.detach() for t in (x, offset, mask))
     with torch.no_grad():
         session = _ort_session(ort, export_onnx(_ExplicitMdconv(weight, dg), (x, offset, mask)))
-        feed = dict(zip((i.name for i in session.get_inputs()), (t.numpy() for t in (x, offset, mask))))
+        feed = dict(
+            zip((i.name for i in session.get_inputs()), (t.numpy() for t in (x, offset, mask)))
+        )
         expected = modulated_deform_conv2d(x, offset, mask, weight, padding=1, deformable_groups=dg)
         error = (torch.from_numpy(session.run(None, feed)[0]) - expected).abs().max().item()
         if error > 1e-3:
             raise RuntimeError(f"ONNX Runtime's DeformConv differs from ours by {error:.3g}")
         times = _time_rounds(
-            {"ours": lambda: modulated_deform_conv2d(x, offset, mask, weight, padding=1, deformable_groups=dg),
-             "onnxruntime": lambda: session.run(None, feed)}, "cpu", repeat)
-    return {"onnxruntime_fwd_ms": 1e3 * statistics.median(times["onnxruntime"]),
-            "onnxruntime/ours_fwd": statistics.median(a / b for a, b in zip(times["onnxruntime"], times["ours"]))}
+            {
+                "ours": lambda: modulated_deform_conv2d(
+                    x, offset, mask, weight, padding=1, deformable_groups=dg
+                ),
+                "onnxruntime": lambda: session.run(None, feed),
+            },
+            "cpu",
+            repeat,
+        )
+    return {
+        "onnxruntime_fwd_ms": 1e3 * statistics.median(times["onnxruntime"]),
+        "onnxruntime/ours_fwd": statistics.median(
+            a / b for a, b in zip(times["onnxruntime"], times["ours"])
+        ),
+    }
 
 
 def mdconv_resnet50_fpn():
@@ -146,8 +166,9 @@ def mdconv_resnet50_fpn():
     for stage in (model.body.layer2, model.body.layer3, model.body.layer4):
         for block in stage:
             conv = block.conv2
-            dcn = ModulatedDeformConv2dPack(conv.in_channels, conv.out_channels, 3, stride=conv.stride, padding=1,
-                                            bias=False)
+            dcn = ModulatedDeformConv2dPack(
+                conv.in_channels, conv.out_channels, 3, stride=conv.stride, padding=1, bias=False
+            )
             dcn.weight.data.copy_(conv.weight.data)
             torch.nn.init.normal_(dcn.conv_offset.weight, std=1e-3, generator=g)
             block.conv2 = dcn
@@ -174,29 +195,52 @@ def bench_onnxruntime_model(ort, repeat, size=(800, 1216)):
         name = session.get_inputs()[0].name
         got = session.run(None, {name: x.numpy()})
         expected = model(x)
-        error = max((torch.from_numpy(a) - b).abs().max().item() / max(1.0, b.abs().max().item())
-                    for a, b in zip(got, expected))
+        error = max(
+            (torch.from_numpy(a) - b).abs().max().item() / max(1.0, b.abs().max().item())
+            for a, b in zip(got, expected)
+        )
         if error > 1e-3:
-            raise RuntimeError(f"the exported backbone differs from eager by {error:.3g} (relative)")
-        times = _time_rounds({"eager": lambda: model(x), "onnxruntime": lambda: session.run(None, {name: x.numpy()})},
-                             "cpu", repeat, warmup=1)
-    return {"shape": f"ResNet-50-FPN, mdconv c3-c5, 1x3x{size[0]}x{size[1]}",
-            "eager_ms": 1e3 * statistics.median(times["eager"]),
-            "onnxruntime_ms": 1e3 * statistics.median(times["onnxruntime"]),
-            "onnxruntime/eager": statistics.median(a / b for a, b in zip(times["onnxruntime"], times["eager"])),
-            "max_relative_difference": error}
+            raise RuntimeError(
+                f"the exported backbone differs from eager by {error:.3g} (relative)"
+            )
+        times = _time_rounds(
+            {
+                "eager": lambda: model(x),
+                "onnxruntime": lambda: session.run(None, {name: x.numpy()}),
+            },
+            "cpu",
+            repeat,
+            warmup=1,
+        )
+    return {
+        "shape": f"ResNet-50-FPN, mdconv c3-c5, 1x3x{size[0]}x{size[1]}",
+        "eager_ms": 1e3 * statistics.median(times["eager"]),
+        "onnxruntime_ms": 1e3 * statistics.median(times["onnxruntime"]),
+        "onnxruntime/eager": statistics.median(
+            a / b for a, b in zip(times["onnxruntime"], times["eager"])
+        ),
+        "max_relative_difference": error,
+    }
 
 
 def bench_conv(name, channels, h, w, dg, device, dtype, repeat, ort=None):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, channels, h, w, generator=g).to(device, dtype).requires_grad_()
-    weight = (torch.randn(channels, channels, 3, 3, generator=g) * 0.05).to(device, dtype).requires_grad_()
+    weight = (
+        (torch.randn(channels, channels, 3, 3, generator=g) * 0.05)
+        .to(device, dtype)
+        .requires_grad_()
+    )
     offset = torch.randn(1, 2 * dg * 9, h, w, generator=g).to(device, dtype).requires_grad_()
     mask = torch.rand(1, dg * 9, h, w, generator=g).to(device, dtype).requires_grad_()
     cases = {
-        "ours": lambda: modulated_deform_conv2d(x, offset, mask, weight, padding=1, deformable_groups=dg),
+        "ours": lambda: modulated_deform_conv2d(
+            x, offset, mask, weight, padding=1, deformable_groups=dg
+        ),
         "conv2d": lambda: F.conv2d(x, weight, padding=1),
-        "torchvision": lambda: torchvision.ops.deform_conv2d(x, offset, weight, padding=(1, 1), mask=mask),
+        "torchvision": lambda: torchvision.ops.deform_conv2d(
+            x, offset, weight, padding=(1, 1), mask=mask
+        ),
     }
     row = {"shape": name, "dg": dg}
     for phase in ("fwd", "fwdbwd"):
@@ -212,8 +256,12 @@ def bench_conv(name, channels, h, w, dg, device, dtype, repeat, ort=None):
         row[f"conv2d_{phase}_ms"] = 1e3 * statistics.median(conv["conv2d"])
         row[f"torchvision_{phase}_ms"] = 1e3 * statistics.median(tv["torchvision"])
         # ratios: medians of the per-round ratios (the two cases of a round ran back to back)
-        row[f"ours/conv2d_{phase}"] = statistics.median(a / b for a, b in zip(conv["ours"], conv["conv2d"]))
-        row[f"torchvision/ours_{phase}"] = statistics.median(a / b for a, b in zip(tv["torchvision"], tv["ours"]))
+        row[f"ours/conv2d_{phase}"] = statistics.median(
+            a / b for a, b in zip(conv["ours"], conv["conv2d"])
+        )
+        row[f"torchvision/ours_{phase}"] = statistics.median(
+            a / b for a, b in zip(tv["torchvision"], tv["ours"])
+        )
     if ort is not None:
         row.update(bench_onnxruntime_conv(ort, x, offset, mask, weight, dg, repeat))
     return row
@@ -226,12 +274,17 @@ def _no_grad(fn):
 
 def bench_pool(device, dtype, repeat, num_rois=1000):
     g = torch.Generator().manual_seed(0)
-    levels = [(256, 200, 304, 1 / 4), (256, 100, 152, 1 / 8), (256, 50, 76, 1 / 16), (256, 25, 38, 1 / 32)]
+    levels = [
+        (256, 200, 304, 1 / 4),
+        (256, 100, 152, 1 / 8),
+        (256, 50, 76, 1 / 16),
+        (256, 25, 38, 1 / 32),
+    ]
     feats = [torch.randn(1, c, h, w, generator=g).to(device, dtype) for c, h, w, _ in levels]
     per_level = num_rois // len(levels)
     rois, offsets = [], []
     for lvl in range(len(levels)):
-        size = 32 * 2 ** lvl + torch.rand(per_level, 2, generator=g) * 32 * 2 ** lvl
+        size = 32 * 2**lvl + torch.rand(per_level, 2, generator=g) * 32 * 2**lvl
         xy = torch.rand(per_level, 2, generator=g) * torch.tensor([1216.0, 800.0])
         boxes = torch.cat([torch.zeros(per_level, 1), xy, xy + size], dim=1)
         rois.append(boxes.to(device, dtype))
@@ -248,34 +301,63 @@ def bench_pool(device, dtype, repeat, num_rois=1000):
 
     with torch.no_grad():
         times = _time_rounds({"ours": ours, "roi_align": roi_align}, device, repeat)
-    row = {"shape": f"P2-P5, {num_rois} RoIs", "ours_ms": 1e3 * statistics.median(times["ours"]),
-           "roi_align_ms": 1e3 * statistics.median(times["roi_align"]),
-           "ours/roi_align": statistics.median(a / b for a, b in zip(times["ours"], times["roi_align"]))}
+    row = {
+        "shape": f"P2-P5, {num_rois} RoIs",
+        "ours_ms": 1e3 * statistics.median(times["ours"]),
+        "roi_align_ms": 1e3 * statistics.median(times["roi_align"]),
+        "ours/roi_align": statistics.median(
+            a / b for a, b in zip(times["ours"], times["roi_align"])
+        ),
+    }
     return row
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--stages", default="c3,c4,c5")
     parser.add_argument("--json", help="write the results to this file")
-    parser.add_argument("--fresh-memory", action="store_true",
-                        help="CPU: leave glibc's default of unmapping large freed buffers (page faults included)")
-    parser.add_argument("--no-onnxruntime", action="store_true", help="CPU: skip the ONNX Runtime column and row")
+    parser.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="CPU: leave glibc's default of unmapping large freed buffers (page faults included)",
+    )
+    parser.add_argument(
+        "--no-onnxruntime", action="store_true", help="CPU: skip the ONNX Runtime column and row"
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     use_ort = args.device == "cpu" and dtype == torch.float32 and not args.no_onnxruntime
     ort = _onnxruntime() if use_ort else None
     kept = args.device == "cpu" and not args.fresh_memory and _keep_freed_memory()
-    result = {"device": args.device, "machine": _machine(args.device), "dtype": args.dtype,
-              "torch": torch.__version__, "torchvision": torchvision.__version__, "conv": [], "pool": None,
-              "freed_memory_kept": kept}
-    print(f"# {result['machine']} ({args.device}, {args.dtype}), torch {torch.__version__}; medians of {args.repeat}"
-          + ("; freed memory kept by glibc (no page faults on reuse)" if kept else ""))
-    header = ("shape", "dg", "fwd ms ours/conv/tv", "ours/conv", "tv/ours", "fwd+bwd ms ours/conv/tv", "ours/conv",
-              "tv/ours")
+    result = {
+        "device": args.device,
+        "machine": _machine(args.device),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "conv": [],
+        "pool": None,
+        "freed_memory_kept": kept,
+    }
+    print(
+        f"# {result['machine']} ({args.device}, {args.dtype}), torch {torch.__version__}; medians of {args.repeat}"
+        + ("; freed memory kept by glibc (no page faults on reuse)" if kept else "")
+    )
+    header = (
+        "shape",
+        "dg",
+        "fwd ms ours/conv/tv",
+        "ours/conv",
+        "tv/ours",
+        "fwd+bwd ms ours/conv/tv",
+        "ours/conv",
+        "tv/ours",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for dg in (1, 4):
@@ -291,19 +373,27 @@ def main():
             )
     p = bench_pool(args.device, dtype, args.repeat)
     result["pool"] = p
-    print(f"\nmdpool (two passes, no FCs) vs roi_align, {p['shape']}: {p['ours_ms']:.1f} ms vs "
-          f"{p['roi_align_ms']:.1f} ms = {p['ours/roi_align']:.2f}x")
+    print(
+        f"\nmdpool (two passes, no FCs) vs roi_align, {p['shape']}: {p['ours_ms']:.1f} ms vs "
+        f"{p['roi_align_ms']:.1f} ms = {p['ours/roi_align']:.2f}x"
+    )
     if ort is not None:
-        print(f"\nONNX Runtime {ort.__version__} DeformConv (our op exported), forward, {torch.get_num_threads()} "
-              "threads, allow_spinning=0; ort/conv = (ort/ours) x (ours/conv)")
+        print(
+            f"\nONNX Runtime {ort.__version__} DeformConv (our op exported), forward, {torch.get_num_threads()} "
+            "threads, allow_spinning=0; ort/conv = (ort/ours) x (ours/conv)"
+        )
         print("| shape | dg | fwd ms ours / ort | ort/ours | ort/conv |\n|---|---|---|---|---|")
         for r in result["conv"]:
-            print(f"| {r['shape']} | {r['dg']} | {r['ours_fwd_ms']:.1f} / {r['onnxruntime_fwd_ms']:.1f} "
-                  f"| {r['onnxruntime/ours_fwd']:.2f}x | {r['onnxruntime/ours_fwd'] * r['ours/conv2d_fwd']:.2f}x |")
+            print(
+                f"| {r['shape']} | {r['dg']} | {r['ours_fwd_ms']:.1f} / {r['onnxruntime_fwd_ms']:.1f} "
+                f"| {r['onnxruntime/ours_fwd']:.2f}x | {r['onnxruntime/ours_fwd'] * r['ours/conv2d_fwd']:.2f}x |"
+            )
         m = bench_onnxruntime_model(ort, max(3, args.repeat // 2))
         result["onnxruntime"] = {"version": ort.__version__, "model": m}
-        print(f"\n{m['shape']}: eager {m['eager_ms']:.0f} ms, ONNX Runtime {m['onnxruntime_ms']:.0f} ms = "
-              f"{m['onnxruntime/eager']:.2f}x eager (outputs within {m['max_relative_difference']:.1g} relative)")
+        print(
+            f"\n{m['shape']}: eager {m['eager_ms']:.0f} ms, ONNX Runtime {m['onnxruntime_ms']:.0f} ms = "
+            f"{m['onnxruntime/eager']:.2f}x eager (outputs within {m['max_relative_difference']:.1g} relative)"
+        )
     elif use_ort:
         print("\n(onnxruntime is not installed: no ONNX Runtime column)")
     if args.json:
