@@ -3,6 +3,7 @@
 Each case runs through the Python functional API and through the raw dispatcher op (whose C++ checks
 must hold on their own: torch.compile and other callers reach the op without the Python wrapper).
 """
+
 import re
 
 import pytest
@@ -50,8 +51,16 @@ def call_conv(api, a):
     if api == "functional":
         return modulated_deform_conv2d(**a)
     return torch.ops.dcnv2.modulated_deform_conv2d(
-        a["input"], a["offset"], a["mask"], a["weight"], a["bias"], *a["stride"], *a["padding"], *a["dilation"],
-        a["groups"], a["deformable_groups"],
+        a["input"],
+        a["offset"],
+        a["mask"],
+        a["weight"],
+        a["bias"],
+        *a["stride"],
+        *a["padding"],
+        *a["dilation"],
+        a["groups"],
+        a["deformable_groups"],
     )
 
 
@@ -62,18 +71,32 @@ CONV_CASES = {
     "mask_ndim": (dict(mask=torch.randn(2, 2 * 9, 30)), "mask"),
     "weight_ndim": (dict(weight=torch.randn(6, 2, 9)), "weight"),
     "channels_not_divisible_by_groups": (
-        dict(input=torch.randn(2, 5, 6, 5), groups=2, deformable_groups=1, offset=torch.randn(2, 18, 6, 5),
-             mask=torch.rand(2, 9, 6, 5), weight=torch.randn(6, 2, 3, 3)),
+        dict(
+            input=torch.randn(2, 5, 6, 5),
+            groups=2,
+            deformable_groups=1,
+            offset=torch.randn(2, 18, 6, 5),
+            mask=torch.rand(2, 9, 6, 5),
+            weight=torch.randn(6, 2, 3, 3),
+        ),
         "groups|input|in_channels|weight",
     ),
     "channels_not_divisible_by_deformable_groups": (
-        dict(input=torch.randn(2, 6, 6, 5), groups=1, deformable_groups=4, offset=torch.randn(2, 72, 6, 5),
-             mask=torch.rand(2, 36, 6, 5), weight=torch.randn(6, 6, 3, 3)),
+        dict(
+            input=torch.randn(2, 6, 6, 5),
+            groups=1,
+            deformable_groups=4,
+            offset=torch.randn(2, 72, 6, 5),
+            mask=torch.rand(2, 36, 6, 5),
+            weight=torch.randn(6, 6, 3, 3),
+        ),
         "deformable_groups|input|in_channels",
     ),
     "weight_channel_mismatch": (dict(weight=torch.randn(6, 3, 3, 3)), "weight"),
-    "out_channels_not_divisible_by_groups": (dict(weight=torch.randn(5, 2, 3, 3), bias=torch.randn(5)),
-                                             "weight|groups"),
+    "out_channels_not_divisible_by_groups": (
+        dict(weight=torch.randn(5, 2, 3, 3), bias=torch.randn(5)),
+        "weight|groups",
+    ),
     "offset_spatial_size": (dict(offset=torch.randn(2, 36, 6, 4)), "offset"),
     "mask_spatial_size": (dict(mask=torch.rand(2, 18, 5, 5)), "mask"),
     "offset_channels": (dict(offset=torch.randn(2, 38, 6, 5)), "offset"),
@@ -82,9 +105,13 @@ CONV_CASES = {
     "mask_batch": (dict(mask=torch.rand(1, 18, 6, 5)), "mask"),
     "bias_shape": (dict(bias=torch.randn(5)), "bias"),
     "integer_dtype": (
-        dict(input=torch.ones(2, 4, 6, 5, dtype=torch.long), offset=torch.zeros(2, 36, 6, 5, dtype=torch.long),
-             mask=torch.ones(2, 18, 6, 5, dtype=torch.long), weight=torch.ones(6, 2, 3, 3, dtype=torch.long),
-             bias=torch.ones(6, dtype=torch.long)),
+        dict(
+            input=torch.ones(2, 4, 6, 5, dtype=torch.long),
+            offset=torch.zeros(2, 36, 6, 5, dtype=torch.long),
+            mask=torch.ones(2, 18, 6, 5, dtype=torch.long),
+            weight=torch.ones(6, 2, 3, 3, dtype=torch.long),
+            bias=torch.ones(6, dtype=torch.long),
+        ),
         "input",
     ),
     "weight_dtype": (dict(weight=torch.randn(6, 2, 3, 3, dtype=torch.float64)), "weight"),
@@ -92,8 +119,15 @@ CONV_CASES = {
     "mask_dtype": (dict(mask=torch.rand(2, 18, 6, 5, dtype=torch.float64)), "mask"),
     "bias_dtype": (dict(bias=torch.randn(6, dtype=torch.float64)), "bias"),
     "zero_stride": (dict(stride=(0, 1), offset=torch.randn(2, 36, 6, 5)), "stride"),
-    "output_too_small": (dict(input=torch.randn(2, 4, 1, 1), padding=(0, 0), offset=torch.randn(2, 36, 1, 1),
-                              mask=torch.rand(2, 18, 1, 1)), "input|output|kernel|weight"),
+    "output_too_small": (
+        dict(
+            input=torch.randn(2, 4, 1, 1),
+            padding=(0, 0),
+            offset=torch.randn(2, 36, 1, 1),
+            mask=torch.rand(2, 18, 1, 1),
+        ),
+        "input|output|kernel|weight",
+    ),
 }
 
 
@@ -117,7 +151,9 @@ def test_conv_bad_input(case, api):
 def pool_args(**over):
     a = dict(
         input=torch.randn(2, 3, 8, 9),
-        rois=torch.tensor([[0, 1.0, 2.0, 10.0, 12.0], [1, 0.0, 0.0, 5.0, 4.0], [1, 3.0, 3.0, 16.0, 14.0]]),
+        rois=torch.tensor(
+            [[0, 1.0, 2.0, 10.0, 12.0], [1, 0.0, 0.0, 5.0, 4.0], [1, 3.0, 3.0, 16.0, 14.0]]
+        ),
         offset=torch.zeros(3, 2, 3, 4),
         output_size=(3, 4),
         spatial_scale=0.5,
@@ -132,7 +168,13 @@ def call_pool(api, a):
     if api == "functional":
         return deform_roi_pool(**a)
     return torch.ops.dcnv2.deform_roi_pool(
-        a["input"], a["rois"], a["offset"], *a["output_size"], a["spatial_scale"], a["sampling_ratio"], a["gamma"]
+        a["input"],
+        a["rois"],
+        a["offset"],
+        *a["output_size"],
+        a["spatial_scale"],
+        a["sampling_ratio"],
+        a["gamma"],
     )
 
 
@@ -144,13 +186,28 @@ POOL_CASES = {
     "offset_num_rois": (dict(offset=torch.zeros(2, 2, 3, 4)), "offset"),
     "offset_channels": (dict(offset=torch.zeros(3, 1, 3, 4)), "offset"),
     "offset_spatial_size": (dict(offset=torch.zeros(3, 2, 4, 3)), "offset"),
-    "integer_input": (dict(input=torch.ones(2, 3, 8, 9, dtype=torch.long),
-                           rois=torch.tensor([[0, 1, 2, 10, 12]]), offset=None), "input|rois"),
+    "integer_input": (
+        dict(
+            input=torch.ones(2, 3, 8, 9, dtype=torch.long),
+            rois=torch.tensor([[0, 1, 2, 10, 12]]),
+            offset=None,
+        ),
+        "input|rois",
+    ),
     "offset_dtype": (dict(offset=torch.zeros(3, 2, 3, 4, dtype=torch.float64)), "offset"),
     "integer_rois": (dict(rois=torch.tensor([[0, 1, 2, 10, 12]]), offset=None), "rois"),
-    "rois_batch_index_too_large": (dict(rois=torch.tensor([[2, 1.0, 2.0, 10.0, 12.0]]), offset=None), "rois"),
-    "rois_negative_batch_index": (dict(rois=torch.tensor([[-1, 1.0, 2.0, 10.0, 12.0]]), offset=None), "rois"),
-    "rois_not_finite": (dict(rois=torch.tensor([[0, 1.0, float("nan"), 10.0, 12.0]]), offset=None), "rois"),
+    "rois_batch_index_too_large": (
+        dict(rois=torch.tensor([[2, 1.0, 2.0, 10.0, 12.0]]), offset=None),
+        "rois",
+    ),
+    "rois_negative_batch_index": (
+        dict(rois=torch.tensor([[-1, 1.0, 2.0, 10.0, 12.0]]), offset=None),
+        "rois",
+    ),
+    "rois_not_finite": (
+        dict(rois=torch.tensor([[0, 1.0, float("nan"), 10.0, 12.0]]), offset=None),
+        "rois",
+    ),
 }
 
 
@@ -211,8 +268,19 @@ def test_input_smaller_than_the_kernel_is_an_error_at_every_stride():
     for stride in (1, 2, 4):
         with pytest.raises(RuntimeError, match="input") as excinfo:
             torch.ops.dcnv2.modulated_deform_conv2d(
-                x, torch.zeros(1, 18, 1, 1), torch.ones(1, 9, 1, 1), torch.ones(1, 1, 3, 3), None,
-                stride, stride, 0, 0, 1, 1, 1, 1,
+                x,
+                torch.zeros(1, 18, 1, 1),
+                torch.ones(1, 9, 1, 1),
+                torch.ones(1, 1, 3, 3),
+                None,
+                stride,
+                stride,
+                0,
+                0,
+                1,
+                1,
+                1,
+                1,
             )
         _check_message(excinfo, "input")
 
@@ -235,10 +303,16 @@ CONV_LAYER_CASES = {
     "dilation_zero": (dict(dilation=(0, 1)), "dilation"),
     "groups_zero": (dict(groups=0), "groups"),
     "groups_not_dividing_in_channels": (dict(groups=3, out_channels=6), "in_channels.*groups=3"),
-    "groups_not_dividing_out_channels": (dict(in_channels=8, groups=4, out_channels=6), "out_channels.*groups=4"),
+    "groups_not_dividing_out_channels": (
+        dict(in_channels=8, groups=4, out_channels=6),
+        "out_channels.*groups=4",
+    ),
     "deformable_groups_zero": (dict(deformable_groups=0), "deformable_groups"),
     "deformable_groups_negative": (dict(deformable_groups=-2), "deformable_groups"),
-    "deformable_groups_not_dividing": (dict(deformable_groups=3), "in_channels.*deformable_groups=3"),
+    "deformable_groups_not_dividing": (
+        dict(deformable_groups=3),
+        "in_channels.*deformable_groups=3",
+    ),
     "deformable_groups_bool": (dict(deformable_groups=True), "deformable_groups"),
 }
 
@@ -272,11 +346,15 @@ PACK_LAYER_CASES = {
 }
 
 
-@pytest.mark.parametrize("cls", ["DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"])
+@pytest.mark.parametrize(
+    "cls", ["DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"]
+)
 @pytest.mark.parametrize("case", list(POOL_LAYER_CASES) + list(PACK_LAYER_CASES))
 def test_pool_layer_bad_argument(case, cls):
     if case in PACK_LAYER_CASES and cls == "DeformRoIPool":
-        pytest.skip("DeformRoIPool has no fully connected layers (output_channels, deform_fc_channels)")
+        pytest.skip(
+            "DeformRoIPool has no fully connected layers (output_channels, deform_fc_channels)"
+        )
     over, name = {**POOL_LAYER_CASES, **PACK_LAYER_CASES}[case]
     kwargs = dict(output_size=3, spatial_scale=0.25, sampling_ratio=2, gamma=0.1)
     if cls != "DeformRoIPool":
@@ -289,9 +367,17 @@ def test_pool_layer_bad_argument(case, cls):
 
 def test_valid_layer_arguments_build():
     layers = projects_dcnv2.layers
-    conv = layers.ModulatedDeformConv2dPack(4, 6, (3, 1), stride=(2, 1), padding=(1, 0), groups=2,
-                                             deformable_groups=4)
+    conv = layers.ModulatedDeformConv2dPack(
+        4, 6, (3, 1), stride=(2, 1), padding=(1, 0), groups=2, deformable_groups=4
+    )
     assert conv.weight.shape == (6, 2, 3, 1) and conv.conv_offset.out_channels == 3 * 4 * 3
     assert conv(torch.randn(1, 4, 5, 5)).shape == (1, 6, 3, 5)
-    pool = layers.ModulatedDeformRoIPoolPack((2, 3), output_channels=4, deform_fc_channels=8, sampling_ratio=0)
-    assert pool(torch.randn(1, 4, 6, 6), torch.tensor([[0, 0.0, 0.0, 4.0, 4.0]])).shape == (1, 4, 2, 3)
+    pool = layers.ModulatedDeformRoIPoolPack(
+        (2, 3), output_channels=4, deform_fc_channels=8, sampling_ratio=0
+    )
+    assert pool(torch.randn(1, 4, 6, 6), torch.tensor([[0, 0.0, 0.0, 4.0, 4.0]])).shape == (
+        1,
+        4,
+        2,
+        3,
+    )

@@ -10,6 +10,7 @@ channels, ordered per deformable group, then per kernel tap (row-major, tap = i 
 the input at ``(ho * stride - pad + i * dilation + dy, wo * stride - pad + j * dilation + dx)``
 bilinearly; samples outside (-1, H) x (-1, W) are zero and pixels outside the map count as zero.
 """
+
 import math
 import numbers
 from typing import Optional, Tuple, Union
@@ -95,7 +96,19 @@ def modulated_deform_conv2d(
         n, c, h, w = offset.shape
         mask = offset.new_ones((n, c // 2, h, w))
     return torch.ops.dcnv2.modulated_deform_conv2d(
-        input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, deformable_groups
+        input,
+        offset,
+        mask,
+        weight,
+        bias,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dil_h,
+        dil_w,
+        groups,
+        deformable_groups,
     )
 
 
@@ -119,8 +132,12 @@ class ModulatedDeformConv2d(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups),
-                            ("deformable_groups", deformable_groups)):
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("groups", groups),
+            ("deformable_groups", deformable_groups),
+        ):
             _check_int(name, value, 1)
         for name, value, divisor, what in (
             ("in_channels", in_channels, groups, "groups"),
@@ -137,7 +154,9 @@ class ModulatedDeformConv2d(nn.Module):
         self.dilation = _check_pair("dilation", dilation, 1)
         self.groups = groups
         self.deformable_groups = deformable_groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
+        )
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.reset_parameters()
 
@@ -151,9 +170,19 @@ class ModulatedDeformConv2d(nn.Module):
     def num_taps(self) -> int:
         return self.kernel_size[0] * self.kernel_size[1]
 
-    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         return modulated_deform_conv2d(
-            x, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            x,
+            offset,
+            mask,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
             self.deformable_groups,
         )
 
@@ -195,8 +224,9 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
         split = 2 * self.deformable_groups * self.num_taps
         return super().forward(x, out[:, :split], out[:, split:].sigmoid())
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Effective with loaders that hand every module the whole state dict (MMCV / mmengine's
         # load_state_dict). torch.nn.Module.load_state_dict hands a child only its own keys, so for
         # it call upgrade_legacy_offset_keys(root, state_dict) first.

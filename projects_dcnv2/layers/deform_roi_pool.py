@@ -9,6 +9,7 @@ is translated by ``gamma * offset * RoI size``. Offset layout: (K, 2, P_h, P_w) 
 horizontal shift (dx, in units of the RoI width) and channel 1 the vertical shift (dy, RoI height):
 note this is (x, y), the opposite of the convolution's (dy, dx).
 """
+
 import math
 import numbers
 from typing import Optional, Tuple, Union
@@ -50,20 +51,36 @@ def deform_roi_pool(
     _check_device(input, "deform_roi_pool")
     pooled_h, pooled_w = _pair(output_size)
     return torch.ops.dcnv2.deform_roi_pool(
-        input, rois, offset, pooled_h, pooled_w, float(spatial_scale), int(sampling_ratio), float(gamma)
+        input,
+        rois,
+        offset,
+        pooled_h,
+        pooled_w,
+        float(spatial_scale),
+        int(sampling_ratio),
+        float(gamma),
     )
 
 
 class DeformRoIPool(nn.Module):
     """Deformable RoI pooling with externally given offsets (no parameters)."""
 
-    def __init__(self, output_size: _IntPair, spatial_scale: float = 1.0, sampling_ratio: int = 0,
-                 gamma: float = 0.1):
+    def __init__(
+        self,
+        output_size: _IntPair,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ):
         super().__init__()
         self.output_size = _check_pair("output_size", output_size, 1)
         _check_int("sampling_ratio", sampling_ratio, 0)
         for name, value in (("spatial_scale", spatial_scale), ("gamma", gamma)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+            ):
                 raise ValueError(f"{name}: expected a finite number, got {value!r}")
         if spatial_scale <= 0:
             raise ValueError(f"spatial_scale: expected a positive number, got {spatial_scale}")
@@ -71,9 +88,17 @@ class DeformRoIPool(nn.Module):
         self.sampling_ratio = int(sampling_ratio)
         self.gamma = float(gamma)
 
-    def forward(self, input: torch.Tensor, rois: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, rois: torch.Tensor, offset: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         return deform_roi_pool(
-            input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma
+            input,
+            rois,
+            offset,
+            self.output_size,
+            self.spatial_scale,
+            self.sampling_ratio,
+            self.gamma,
         )
 
     def extra_repr(self) -> str:
@@ -119,7 +144,9 @@ class DeformRoIPoolPack(DeformRoIPool):
         self.output_channels = output_channels
         self.deform_fc_channels = deform_fc_channels
         bins = self.output_size[0] * self.output_size[1]
-        self.offset_fc = _mlp([bins * output_channels, deform_fc_channels, deform_fc_channels, 2 * bins])
+        self.offset_fc = _mlp(
+            [bins * output_channels, deform_fc_channels, deform_fc_channels, 2 * bins]
+        )
 
     def _check_channels(self, input: torch.Tensor) -> None:
         if input.dim() != 4 or input.shape[1] != self.output_channels:
@@ -149,7 +176,9 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         bins = self.output_size[0] * self.output_size[1]
-        self.mask_fc = _mlp([bins * self.output_channels, self.deform_fc_channels, bins], final=nn.Sigmoid())
+        self.mask_fc = _mlp(
+            [bins * self.output_channels, self.deform_fc_channels, bins], final=nn.Sigmoid()
+        )
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         self._check_channels(input)
