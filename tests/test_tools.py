@@ -80,7 +80,10 @@ def test_zero_offsets_give_the_regular_grid_through_strides():
 
 def test_constant_offsets_shift_by_the_input_stride():
     dy, dx = 0.5, -1.0
-    fields = [_field("a", 4, 1, 32.0, dy, dx, logit=2.0), _field("b", 8, 2, 16.0, dy, dx, logit=-1.0)]
+    fields = [
+        _field("a", 4, 1, 32.0, dy, dx, logit=2.0),
+        _field("b", 8, 2, 16.0, dy, dx, logit=-1.0),
+    ]
     plain = [_field("a", 4, 1, 32.0), _field("b", 8, 2, 16.0)]
     unit = np.array([[32.0, 64.0], [96.0, 0.0]])
     moved, weights = analysis.compose_sampling_locations(fields, unit)
@@ -99,18 +102,27 @@ def test_tap_locations_match_the_op(stride, dilation):
     torch.manual_seed(0)
     size = 12
     out_size = (size + 2 * dilation - 2 * dilation - 1) // stride + 1
-    ramps = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")).double()[None]
+    ramps = torch.stack(
+        torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    ).double()[None]
     offset = (torch.rand(1, 18, out_size, out_size, dtype=torch.float64) - 0.5) * 1.6
     logits = torch.randn(1, 9, out_size, out_size, dtype=torch.float64)
     weight = torch.zeros(18, 2, 3, 3, dtype=torch.float64)
     for k in range(9):
         weight[2 * k, 0, k // 3, k % 3] = weight[2 * k + 1, 1, k // 3, k % 3] = 1
-    out = modulated_deform_conv2d(ramps, offset, logits.sigmoid(), weight, None, stride, dilation, dilation)
+    out = modulated_deform_conv2d(
+        ramps, offset, logits.sigmoid(), weight, None, stride, dilation, dilation
+    )
     field = analysis.field_from_conv_offset(
-        "x", torch.cat([offset, logits], 1)[0], _Conv(stride, dilation, dilation), out_stride=float(stride)
+        "x",
+        torch.cat([offset, logits], 1)[0],
+        _Conv(stride, dilation, dilation),
+        out_stride=float(stride),
     )
     cells = [(yo, xo) for yo in range(out_size) for xo in range(out_size)]
-    locations, weights = analysis.compose_sampling_locations([field], np.array(cells, dtype=np.float64) * stride)
+    locations, weights = analysis.compose_sampling_locations(
+        [field], np.array(cells, dtype=np.float64) * stride
+    )
     for (yo, xo), locs, w in zip(cells, locations, weights):
         sampled = out[0, :, yo, xo].view(9, 2).numpy() / w[:, None]
         inside = (locs.min(1) >= 0) & (locs.max(1) <= size - 1)  # zero padding changes the border
@@ -121,13 +133,17 @@ def test_tap_locations_match_the_op(stride, dilation):
 def test_deformed_bin_centres_match_the_op():
     """deform_roi_pool of a coordinate ramp averages a centred grid of samples: each bin's centre."""
     torch.manual_seed(0)
-    ramps = torch.stack(torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")).double()[None]
+    ramps = torch.stack(
+        torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
+    ).double()[None]
     box = np.array([6.0, 9.0, 30.0, 25.0])
     rois = torch.tensor([[0.0, *box]], dtype=torch.float64)
     offset = (torch.rand(1, 2, 7, 7, dtype=torch.float64) - 0.5) * 0.8
     pooled = deform_roi_pool(ramps, rois, offset, 7, spatial_scale=1.0, sampling_ratio=2, gamma=0.1)
     rects, mask = analysis.deformed_bins(box, offset[0].numpy(), None, gamma=0.1)
-    centres = (rects[..., :2] + rects[..., 2:]) / 2 - 0.5  # continuous -> aligned sample coordinates
+    centres = (
+        rects[..., :2] + rects[..., 2:]
+    ) / 2 - 0.5  # continuous -> aligned sample coordinates
     np.testing.assert_allclose(pooled[0, 1].numpy(), centres[..., 0], atol=1e-9)  # x
     np.testing.assert_allclose(pooled[0, 0].numpy(), centres[..., 1], atol=1e-9)  # y
     assert mask.shape == (7, 7) and (mask == 1).all()
@@ -145,12 +161,18 @@ def test_pooler_deformation_is_what_forward_applies():
     features = [torch.randn(2, 4, 64 // s, 64 // s, dtype=torch.float64) for s in (4, 8, 16)]
     boxes = [
         Boxes(torch.tensor([[2.0, 3.0, 30.0, 20.0], [0.0, 0.0, 63.0, 63.0]])),
-        Boxes(torch.tensor([[10.0, 12.0, 14.0, 18.0], [5.0, 5.0, 60.0, 40.0], [1.0, 2.0, 11.0, 14.0]])),
+        Boxes(
+            torch.tensor([[10.0, 12.0, 14.0, 18.0], [5.0, 5.0, 60.0, 40.0], [1.0, 2.0, 11.0, 14.0]])
+        ),
     ]
     with torch.no_grad():
         pooled = pooler(features, boxes)
     offset, mask, level = pooler.deformation(features, boxes)
-    assert offset.shape == (5, 2, 3, 3) and mask.shape == (5, 3, 3) and level.tolist() == [2, 2, 0, 2, 1]
+    assert (
+        offset.shape == (5, 2, 3, 3)
+        and mask.shape == (5, 3, 3)
+        and level.tolist() == [2, 2, 0, 2, 1]
+    )
     batch = [0, 0, 1, 1, 1]
     for k, roi in enumerate(torch.cat([b.tensor for b in boxes]).double()):
         lvl = int(level[k])
@@ -163,14 +185,21 @@ def test_pooler_deformation_is_what_forward_applies():
 
 def test_field_layout_and_layer_selection():
     raw = torch.arange(2 * 27 * 2 * 2, dtype=torch.float64).view(54, 2, 2)  # G = 2
-    field = analysis.field_from_conv_offset("res4.1", raw, _Conv(deformable_groups=2), 16.0, group=1)
+    field = analysis.field_from_conv_offset(
+        "res4.1", raw, _Conv(deformable_groups=2), 16.0, group=1
+    )
     assert field.offset.shape == (9, 2, 2, 2) and field.mask.shape == (9, 2, 2)
-    assert field.offset[4, 0, 0, 0] == raw[18 + 8, 0, 0] and field.offset[4, 1, 0, 0] == raw[18 + 9, 0, 0]
+    assert (
+        field.offset[4, 0, 0, 0] == raw[18 + 8, 0, 0]
+        and field.offset[4, 1, 0, 0] == raw[18 + 9, 0, 0]
+    )
     np.testing.assert_allclose(field.mask[3], raw[36 + 9 + 3].sigmoid().numpy())
     with pytest.raises(ValueError, match="expected \\(54, Ho, Wo\\)"):
         analysis.field_from_conv_offset("x", raw[:27], _Conv(deformable_groups=2), 16.0)
 
-    fields = [_field(n, 2, 1, 8.0) for n in ("res3.0", "res3.1", "res4.0", "res4.1", "res5.0", "res5.1")]
+    fields = [
+        _field(n, 2, 1, 8.0) for n in ("res3.0", "res3.1", "res4.0", "res4.1", "res5.0", "res5.1")
+    ]
     names = lambda spec: [f.name for f in analysis.select_fields(fields, spec)]  # noqa: E731
     assert names("res5") == ["res5.1", "res5.0"]
     assert names("last-per-stage") == ["res5.1", "res4.1", "res3.1"]
@@ -234,7 +263,9 @@ def test_visualize_sampling_captures_every_deformable_block(tmp_path_factory, im
     image = torch.as_tensor(np.asarray(Image.open(image_path)).transpose(2, 0, 1).copy())
     with torch.no_grad(), analysis.capture_deform_fields(model) as fields:
         model.inference([{"image": image}], do_postprocess=False)
-    assert [f.name for f in fields] == [f"res{s}.{b}" for s, n in ((3, 4), (4, 6), (5, 3)) for b in range(n)]
+    assert [f.name for f in fields] == [
+        f"res{s}.{b}" for s, n in ((3, 4), (4, 6), (5, 3)) for b in range(n)
+    ]
     strides = {f.name: (f.out_stride, tuple(f.in_stride)) for f in fields}
     assert strides["res3.0"] == (8.0, (4.0, 4.0)) and strides["res3.3"] == (8.0, (8.0, 8.0))
     assert strides["res5.0"] == (32.0, (16.0, 16.0)) and strides["res5.2"] == (32.0, (32.0, 32.0))
@@ -280,7 +311,12 @@ def test_plot_training_curves(tmp_path):
         run = tmp_path / name
         run.mkdir()
         lines = [
-            {"iteration": i, "total_loss": 3 - slope * i / 100, "loss_cls": 1 - slope * i / 300, "lr": 0.02}
+            {
+                "iteration": i,
+                "total_loss": 3 - slope * i / 100,
+                "loss_cls": 1 - slope * i / 300,
+                "lr": 0.02,
+            }
             for i in range(19, 400, 20)
         ]
         lines.append({"iteration": 399, "bbox/AP": 40.0 + slope})
@@ -308,7 +344,12 @@ def tiny_training_run(tmp_path_factory):
         "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out),
     ]  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "train_net.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "train_net.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return out
@@ -321,7 +362,9 @@ def test_training_reports_progress(tiny_training_run):
     assert last, log[-3000:]
     for field in ("eta:", "total_loss:", "loss_cls:", "loss_rpn_cls:", "lr:"):
         assert field in last[-1], last[-1]
-    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
+    records = [
+        json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()
+    ]
     assert records[-1]["iteration"] == 3
     assert {"total_loss", "loss_cls", "loss_box_reg", "lr", "eta_seconds"} <= set(records[-1])
     events = list(out.glob("events.out.tfevents*"))

@@ -10,6 +10,7 @@ machine hits both; the ratio is the median of the per-round DCNv2 / plain ratios
 backbone alone (ResNet + FPN). Peak memory (max
 RSS on CPU, max allocated on CUDA) comes from one warm inference per config in a subprocess of its own.
 """
+
 import argparse
 import json
 import os
@@ -35,7 +36,9 @@ def _build(config, device):
     # number above the usual 0.05 score threshold depends on the features, and the mask head's
     # work with it, which would time the detections rather than the backbone.
     opts = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
-    return build_model(load_dcnv2_config(os.path.join(ROOT, "configs", config + ".yaml"), opts)).eval()
+    return build_model(
+        load_dcnv2_config(os.path.join(ROOT, "configs", config + ".yaml"), opts)
+    ).eval()
 
 
 def _inputs(size, device):
@@ -69,7 +72,11 @@ def _time_pair(plain, dcn, size, repeat, device):
     # Same weights wherever the two share a parameter (the offset convs keep their zero init), so that
     # both see the same proposals and detections.
     dcn_state = models[1].state_dict()
-    shared = {k: v for k, v in models[0].state_dict().items() if k in dcn_state and dcn_state[k].shape == v.shape}
+    shared = {
+        k: v
+        for k, v in models[0].state_dict().items()
+        if k in dcn_state and dcn_state[k].shape == v.shape
+    }
     models[1].load_state_dict(shared, strict=False)
     inputs = _inputs(size, device)
     with torch.no_grad():
@@ -109,17 +116,34 @@ def _peak_memory(config, size, device):
 
 def _subprocess(args, *worker):
     out = subprocess.run(
-        [sys.executable, __file__, *worker, "--size", args.size, "--repeat", str(args.repeat), "--device",
-         args.device],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            __file__,
+            *worker,
+            "--size",
+            args.size,
+            "--repeat",
+            str(args.repeat),
+            "--device",
+            args.device,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="comma-separated plain:dcnv2 config names")
-    parser.add_argument("--size", default="800x1216", help="HxW of the (already resized) input image")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--pairs", default=DEFAULT_PAIRS, help="comma-separated plain:dcnv2 config names"
+    )
+    parser.add_argument(
+        "--size", default="800x1216", help="HxW of the (already resized) input image"
+    )
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json")
@@ -142,9 +166,17 @@ def main():
 
     import torch
 
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# {machine}; image {args.size}; {args.repeat} alternating rounds after one warm-up; random weights")
-    print("| plain | DCNv2 | plain s/img | DCNv2 s/img | ratio | backbone ratio | plain peak MB | DCNv2 peak MB |")
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"# {machine}; image {args.size}; {args.repeat} alternating rounds after one warm-up; random weights"
+    )
+    print(
+        "| plain | DCNv2 | plain s/img | DCNv2 s/img | ratio | backbone ratio | plain peak MB | DCNv2 peak MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     peak = {}
@@ -158,15 +190,24 @@ def main():
             "plain": {"config": plain, "median_s": t["plain_median_s"], "peak_mb": peak[plain]},
             "dcnv2": {"config": dcn, "median_s": t["dcnv2_median_s"], "peak_mb": peak[dcn]},
             "ratio": t["ratio"],
-            "backbone": {k[len("backbone_"):]: v for k, v in t.items() if k.startswith("backbone_")},
+            "backbone": {
+                k[len("backbone_") :]: v for k, v in t.items() if k.startswith("backbone_")
+            },
         }
         rows.append(row)
-        print(f"| {plain} | {dcn} | {t['plain_median_s']:.2f} | {t['dcnv2_median_s']:.2f} | {t['ratio']:.2f}x "
-              f"| {t['backbone_ratio']:.2f}x "
-              f"| {peak[plain]:.0f} | {peak[dcn]:.0f} |", flush=True)
+        print(
+            f"| {plain} | {dcn} | {t['plain_median_s']:.2f} | {t['dcnv2_median_s']:.2f} | {t['ratio']:.2f}x "
+            f"| {t['backbone_ratio']:.2f}x "
+            f"| {peak[plain]:.0f} | {peak[dcn]:.0f} |",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "size": args.size, "repeat": args.repeat, "rows": rows}, f, indent=1)
+            json.dump(
+                {"machine": machine, "size": args.size, "repeat": args.repeat, "rows": rows},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ several deformable groups one group (``--group``) is drawn. mdpool bins: the top
 detections, their bins moved by the offsets and coloured by the mask that the model's own
 ``MDPoolROIPooler.deformation`` gives. The geometry lives in ``projects_dcnv2.analysis``.
 """
+
 import argparse
 import io
 import os
@@ -78,8 +79,14 @@ def _panel(ax, image, title, view=None):
 
 
 def _figure(count, panel_inches):
-    fig, axes = plt.subplots(1, count, figsize=(panel_inches * count + 1.0, panel_inches + 0.6), dpi=100,
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        count,
+        figsize=(panel_inches * count + 1.0, panel_inches + 0.6),
+        dpi=100,
+        squeeze=False,
+        layout="constrained",
+    )
     return fig, axes[0]
 
 
@@ -89,21 +96,37 @@ def draw_sampling(image, units_yx, locations, weights, layer_names, path, panel_
     height, width = image.shape[:2]
     fig, axes = _figure(len(units_yx), panel_inches)
     vmax = max(float(weights.max()), 1e-6)
-    lo = np.maximum(np.minimum(locations.reshape(-1, 2).min(0) - 2, -0.5), [-0.4 * height, -0.4 * width])
-    hi = np.minimum(np.maximum(locations.reshape(-1, 2).max(0) + 2, [height - 0.5, width - 0.5]),
-                    [1.4 * height, 1.4 * width])
+    lo = np.maximum(
+        np.minimum(locations.reshape(-1, 2).min(0) - 2, -0.5), [-0.4 * height, -0.4 * width]
+    )
+    hi = np.minimum(
+        np.maximum(locations.reshape(-1, 2).max(0) + 2, [height - 0.5, width - 0.5]),
+        [1.4 * height, 1.4 * width],
+    )
     scatter = None
     for ax, unit, locs, w in zip(axes, units_yx, locations, weights):
         title = f"unit at (x={unit[1]:.0f}, y={unit[0]:.0f}): {locs.shape[0]} points"
         _panel(ax, image, title, view=(lo[1], lo[0], hi[1], hi[0]))
         ax.add_patch(Rectangle((-0.5, -0.5), width, height, fill=False, ec="k", lw=0.8))
         order = np.argsort(w)
-        scatter = ax.scatter(locs[order, 1], locs[order, 0], c=w[order], cmap="cool", vmin=0, vmax=vmax,
-                             s=9 if locs.shape[0] <= 729 else 3, edgecolors="k",
-                             linewidths=0.3 if locs.shape[0] <= 729 else 0)
+        scatter = ax.scatter(
+            locs[order, 1],
+            locs[order, 0],
+            c=w[order],
+            cmap="cool",
+            vmin=0,
+            vmax=vmax,
+            s=9 if locs.shape[0] <= 729 else 3,
+            edgecolors="k",
+            linewidths=0.3 if locs.shape[0] <= 729 else 0,
+        )
         ax.plot(unit[1], unit[0], marker="*", color="lime", markersize=14, markeredgecolor="k")
-    fig.suptitle("effective sampling locations through " + " \u2190 ".join(layer_names), fontsize=10)
-    fig.colorbar(scatter, ax=list(axes), fraction=0.03, pad=0.01, label="product of modulation weights")
+    fig.suptitle(
+        "effective sampling locations through " + " \u2190 ".join(layer_names), fontsize=10
+    )
+    fig.colorbar(
+        scatter, ax=list(axes), fraction=0.03, pad=0.01, label="product of modulation weights"
+    )
     _save_small_png(fig, path)
 
 
@@ -112,7 +135,8 @@ def draw_bins(image, detections, path, class_names, panel_inches=4.0):
     (filled, coloured by their mask; dots at their centres)."""
     fig, axes = _figure(max(len(detections), 1), panel_inches)
     cmap = plt.get_cmap("cool")
-    shift = -0.5  # continuous coordinates (pixel i covers [i, i + 1)) -> pixel-centre plot coordinates
+    # continuous coordinates (pixel i covers [i, i + 1)) -> pixel-centre plot coordinates
+    shift = -0.5
     for ax, det in zip(axes, detections):
         box, score, label, rects, mask, level = det
         name = class_names[label] if label < len(class_names) else str(label)
@@ -122,18 +146,47 @@ def draw_bins(image, detections, path, class_names, panel_inches=4.0):
         margin = max(0.25 * max(x1 - x0, y1 - y0), 4.0)
         side = max(x1 - x0, y1 - y0) / 2 + margin  # square view around the box and its bins
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        _panel(ax, image, f"{name} {score:.2f}, pooled at P{level + 2}", view=(cx - side, cy - side, cx + side, cy + side))
+        _panel(
+            ax,
+            image,
+            f"{name} {score:.2f}, pooled at P{level + 2}",
+            view=(cx - side, cy - side, cx + side, cy + side),
+        )
         bx0, by0, bx1, by1 = box + shift
-        ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, fill=False, ec="white", lw=1.5, ls="--"))
+        ax.add_patch(
+            Rectangle((bx0, by0), bx1 - bx0, by1 - by0, fill=False, ec="white", lw=1.5, ls="--")
+        )
         for rect, m in zip(rects.reshape(-1, 4) + shift, mask.reshape(-1)):
-            ax.add_patch(Rectangle((rect[0], rect[1]), rect[2] - rect[0], rect[3] - rect[1], fill=True,
-                                   fc=cmap(m), ec=cmap(m), alpha=0.3, lw=0.8))
+            ax.add_patch(
+                Rectangle(
+                    (rect[0], rect[1]),
+                    rect[2] - rect[0],
+                    rect[3] - rect[1],
+                    fill=True,
+                    fc=cmap(m),
+                    ec=cmap(m),
+                    alpha=0.3,
+                    lw=0.8,
+                )
+            )
         centres = (rects[..., :2] + rects[..., 2:]) / 2 + shift
-        ax.scatter(centres[..., 0].ravel(), centres[..., 1].ravel(), c=mask.ravel(), cmap=cmap, vmin=0, vmax=1,
-                   s=10, edgecolors="k", linewidths=0.4)
+        ax.scatter(
+            centres[..., 0].ravel(),
+            centres[..., 1].ravel(),
+            c=mask.ravel(),
+            cmap=cmap,
+            vmin=0,
+            vmax=1,
+            s=10,
+            edgecolors="k",
+            linewidths=0.4,
+        )
     if not detections:
         _panel(axes[0], image, "no detection above the threshold")
-    fig.suptitle("mdpool: detection box (dashed) and its 7x7 deformed bins, colour = bin modulation", fontsize=10)
+    fig.suptitle(
+        "mdpool: detection box (dashed) and its 7x7 deformed bins, colour = bin modulation",
+        fontsize=10,
+    )
     mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
     fig.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.01, label="bin mask")
     _save_small_png(fig, path)
@@ -163,34 +216,60 @@ def _default_positions(boxes_xyxy, image_hw, count=3):
     """Centres of the top detections plus the image point farthest from every box."""
     height, width = image_hw
     centres = [((b[1] + b[3]) / 2, (b[0] + b[2]) / 2) for b in boxes_xyxy[: count - 1]]
-    grid = np.stack(np.meshgrid(np.linspace(0.2 * height, 0.8 * height, 7), np.linspace(0.2 * width, 0.8 * width, 7),
-                                indexing="ij"), -1)
+    grid = np.stack(
+        np.meshgrid(
+            np.linspace(0.2 * height, 0.8 * height, 7),
+            np.linspace(0.2 * width, 0.8 * width, 7),
+            indexing="ij",
+        ),
+        -1,
+    )
     grid = grid.reshape(-1, 2)
     if len(centres):
         dist = np.min(np.linalg.norm(grid[:, None] - np.array(centres)[None], axis=-1), axis=1)
         centres.append(tuple(grid[np.argmax(dist)]))
     while len(centres) < count:
-        centres.append(((len(centres) + 1) * height / (count + 1), (len(centres) + 1) * width / (count + 1)))
+        centres.append(
+            ((len(centres) + 1) * height / (count + 1), (len(centres) + 1) * width / (count + 1))
+        )
     return np.array(centres, dtype=np.float64)
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--input", required=True, help="an image file")
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--name", default=None, help="output file suffix (default: the image's stem)")
-    parser.add_argument("--positions", nargs="*", default=None, metavar="X,Y",
-                        help="image positions (original image pixels) of the units to trace "
-                             "(default: centres of the top detections and one background point)")
-    parser.add_argument("--layers", default="last-per-stage",
-                        help="deformable layers to compose, output side first: block names "
-                             "(res5.2), stages (res5 = its blocks, last first) or last-per-stage")
+    parser.add_argument(
+        "--name", default=None, help="output file suffix (default: the image's stem)"
+    )
+    parser.add_argument(
+        "--positions",
+        nargs="*",
+        default=None,
+        metavar="X,Y",
+        help="image positions (original image pixels) of the units to trace "
+        "(default: centres of the top detections and one background point)",
+    )
+    parser.add_argument(
+        "--layers",
+        default="last-per-stage",
+        help="deformable layers to compose, output side first: block names "
+        "(res5.2), stages (res5 = its blocks, last first) or last-per-stage",
+    )
     parser.add_argument("--group", type=int, default=0, help="deformable group to draw")
-    parser.add_argument("--topk", type=int, default=3, help="detections whose mdpool bins are drawn")
+    parser.add_argument(
+        "--topk", type=int, default=3, help="detections whose mdpool bins are drawn"
+    )
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
-    parser.add_argument("--display-size", type=int, default=400,
-                        help="pixels per image panel in the PNGs (small images are upscaled)")
+    parser.add_argument(
+        "--display-size",
+        type=int,
+        default=400,
+        help="pixels per image panel in the PNGs (small images are upscaled)",
+    )
     parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     return parser
 
@@ -228,7 +307,9 @@ def main(argv=None):
         except ValueError as e:
             raise SystemExit(f"--{e}") from None
         if len(chosen) > 4:
-            raise SystemExit(f"--layers: {len(chosen)} layers give 9^{len(chosen)} points per unit; pick at most 4")
+            raise SystemExit(
+                f"--layers: {len(chosen)} layers give 9^{len(chosen)} points per unit; pick at most 4"
+            )
         if args.positions:
             wanted = _parse_positions(args.positions) / scale  # -> model input pixels
         else:
@@ -237,8 +318,15 @@ def main(argv=None):
         units = unit_centres(chosen[0], wanted)
         locations, weights = compose_sampling_locations(chosen, units)
         path = os.path.join(args.output, f"sampling_{name}.png")
-        draw_sampling(display, units * scale, locations * scale, weights, [f.name for f in chosen], path,
-                      panel_inches)
+        draw_sampling(
+            display,
+            units * scale,
+            locations * scale,
+            weights,
+            [f.name for f in chosen],
+            path,
+            panel_inches,
+        )
         written.append(path)
 
     if isinstance(getattr(model.roi_heads, "box_pooler", None), MDPoolROIPooler):
@@ -252,13 +340,20 @@ def main(argv=None):
             gamma = pooler.level_poolers[0].gamma
             box_scale = np.array([scale[1], scale[0], scale[1], scale[0]])
             for box, score, label, (offset, mask, level) in zip(
-                top.pred_boxes.tensor.numpy(), top.scores.tolist(), top.pred_classes.tolist(), per_box
+                top.pred_boxes.tensor.numpy(),
+                top.scores.tolist(),
+                top.pred_classes.tolist(),
+                per_box,
             ):
                 rects, mask = deformed_bins(box, offset, mask, gamma)
                 detections.append((box * box_scale, score, label, rects * box_scale, mask, level))
         from detectron2.data import MetadataCatalog
 
-        class_names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", []) if cfg.DATASETS.TEST else []
+        class_names = (
+            MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", [])
+            if cfg.DATASETS.TEST
+            else []
+        )
         path = os.path.join(args.output, f"mdpool_bins_{name}.png")
         draw_bins(display, detections, path, class_names, panel_inches)
         written.append(path)
