@@ -169,9 +169,18 @@ def conv_examples(draw, backend):
     stride = [draw(st.integers(1, 4)), draw(st.integers(1, 4))]
     dilation = [draw(st.integers(1, 4)), draw(st.integers(1, 4))]
     padding = [draw(st.integers(0, 4)), draw(st.integers(0, 4))]
-    for i, (size, k) in enumerate(((h, kh), (w, kw))):  # the least padding that leaves an output
+    huge = draw(st.integers(0, 15)) == 15  # rarely: a geometry past 32-bit integers
+    for i, (size, k) in enumerate(((h, kh), (w, kw))):
+        if huge:
+            dilation[i] = draw(st.sampled_from([1, 2**31, 2**40]))
+            padding[i] = draw(st.sampled_from([2**30, 2**31 - 1, 2**40]))
+        # the least padding that leaves an output
         padding[i] = max(padding[i], math.ceil((dilation[i] * (k - 1) + 1 - size) / 2))
+        if huge:  # one output position, at -padding: the taps read only where tap * dilation ~ padding
+            stride[i] = 2 ** max(31, (size + 2 * padding[i]).bit_length())
     spec = _common(draw, backend)
+    if huge:
+        spec["dtype"] = "float64"  # sample coordinates exact in the reference too
     spec.update(
         op="mdconv",
         n=_size(draw, 2 if small else 3),
