@@ -176,7 +176,7 @@ def conv_examples(draw, backend):
             padding[i] = draw(st.sampled_from([2**30, 2**31 - 1, 2**40]))
         # the least padding that leaves an output
         padding[i] = max(padding[i], math.ceil((dilation[i] * (k - 1) + 1 - size) / 2))
-        if huge:  # one output position, at -padding: the taps read only where tap * dilation ~ padding
+        if huge:  # one output position, at -padding: taps read where tap * dilation ~ padding
             stride[i] = 2 ** max(31, (size + 2 * padding[i]).bit_length())
     spec = _common(draw, backend)
     if huge:
