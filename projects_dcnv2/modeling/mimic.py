@@ -21,13 +21,13 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import roi_align
 
 from detectron2.config import configurable
 from detectron2.layers import cat, nonzero_tuple
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.poolers import convert_boxes_to_pooler_format
 from detectron2.structures import Boxes, ImageList, Instances
-from torchvision.ops import roi_align
 
 __all__ = [
     "MimicRCNN",
@@ -53,9 +53,7 @@ def sample_foreground_proposals(
 ) -> List[Instances]:
     """Per image, up to ``max_per_image`` of the proposals the box head labelled foreground
     (``gt_classes`` set by ``label_and_sample_proposals``: IoU >= ROI_HEADS.IOU_THRESHOLDS)."""
-    return [
-        p[subsample_foreground(p.gt_classes, num_classes, max_per_image)] for p in proposals
-    ]
+    return [p[subsample_foreground(p.gt_classes, num_classes, max_per_image)] for p in proposals]
 
 
 def crop_rois(images: torch.Tensor, boxes: List[Boxes], crop_size: int) -> torch.Tensor:
@@ -184,7 +182,10 @@ class MimicRCNN(GeneralizedRCNN):
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        if cfg.MODEL.ROI_BOX_HEAD.MIMIC.ENABLED and getattr(ret["roi_heads"], "mimic", None) is None:
+        if (
+            cfg.MODEL.ROI_BOX_HEAD.MIMIC.ENABLED
+            and getattr(ret["roi_heads"], "mimic", None) is None
+        ):
             raise ValueError(
                 "MODEL.ROI_BOX_HEAD.MIMIC.ENABLED needs RoI heads with a mimic branch "
                 f"(MODEL.ROI_HEADS.NAME 'MDPoolROIHeads' or 'MimicROIHeads'), got "
