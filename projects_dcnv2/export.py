@@ -63,35 +63,26 @@ def _check_opset(opset_version: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Dynamo exporter: onnxscript translations
-def _mdconv_to_onnx(
-    input,
-    offset,
-    mask,
-    weight,
-    bias,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
-    groups,
-    deformable_groups,
+def _deform_conv_attributes(
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, deformable_groups
 ):
-    from onnxscript import opset19
-
-    return opset19.DeformConv(
-        input,
-        weight,
-        offset,
-        bias,  # None leaves the optional input empty (no bias)
-        mask,
+    """Our op's trailing integer arguments -> ONNX DeformConv's attributes."""
+    return dict(
         strides=[stride_h, stride_w],
         pads=[pad_h, pad_w, pad_h, pad_w],
         dilations=[dil_h, dil_w],
         group=groups,
         offset_group=deformable_groups,
     )
+
+
+def _mdconv_to_onnx(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, groups, dg):
+    # The exporter matches the op's arguments to these parameters by position: no *args here.
+    from onnxscript import opset19
+
+    attributes = _deform_conv_attributes(sh, sw, ph, pw, dh, dw, groups, dg)
+    # A None bias leaves DeformConv's optional input B empty.
+    return opset19.DeformConv(x, weight, offset, bias, mask, **attributes)
 
 
 ONNX_TRANSLATIONS = {_MDCONV: _mdconv_to_onnx}
@@ -105,37 +96,13 @@ def _register_torchscript_symbolics() -> None:
     from torch.onnx import register_custom_op_symbolic, symbolic_helper
 
     @symbolic_helper.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i")
-    def mdconv_symbolic(
-        g,
-        input,
-        offset,
-        mask,
-        weight,
-        bias,
-        stride_h,
-        stride_w,
-        pad_h,
-        pad_w,
-        dil_h,
-        dil_w,
-        groups,
-        deformable_groups,
-    ):
+    def mdconv_symbolic(g, x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, groups, dg):
+        # parse_args matches the arguments to these parameters by name: no *args here either.
         if symbolic_helper._is_none(bias):
             bias = symbolic_helper._optional_input_placeholder_tensor(g)
-        return g.op(
-            "DeformConv",
-            input,
-            weight,
-            offset,
-            bias,
-            mask,
-            strides_i=[stride_h, stride_w],
-            pads_i=[pad_h, pad_w, pad_h, pad_w],
-            dilations_i=[dil_h, dil_w],
-            group_i=groups,
-            offset_group_i=deformable_groups,
-        )
+        attributes = _deform_conv_attributes(sh, sw, ph, pw, dh, dw, groups, dg)
+        attributes = {f"{name}_i": value for name, value in attributes.items()}
+        return g.op("DeformConv", x, weight, offset, bias, mask, **attributes)
 
     def mdpool_symbolic(g, *args):
         raise UnsupportedOperatorError(_MDPOOL_MESSAGE)
