@@ -3,6 +3,8 @@ tools/deploy/export_model.py, torch.export (.pt2) and AOTInductor, each against 
 
 import importlib.util
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,21 @@ def test_mdpool_raises_the_documented_error():
         E.export_onnx(Pool(), args)
     with pytest.raises(E.UnsupportedOperatorError, match="deform_roi_pool"):
         torch.onnx.export(Pool(), args, io.BytesIO(), dynamo=False, opset_version=19)
+
+
+def test_export_module_needs_no_detectron2():
+    code = (
+        "import sys; sys.modules['detectron2'] = None\n"  # any detectron2 import now fails
+        "import torch, projects_dcnv2.export as E\n"
+        "from projects_dcnv2.layers import ModulatedDeformConv2dPack\n"
+        "proto = E.export_onnx(ModulatedDeformConv2dPack(2, 2, 3, padding=1).eval(), (torch.randn(1, 2, 5, 5),))\n"
+        "print([n.op_type for n in proto.graph.node if n.op_type == 'DeformConv'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "['DeformConv']"
 
 
 # ----------------------------------------------------------------------------------------------
