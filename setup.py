@@ -6,7 +6,10 @@ TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100 and H100 class; sm_80 code also
 """
 import glob
 import os
+import shlex
+import subprocess
 import sys
+import sysconfig
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported. The `nvcc` on PATH may be a wrapper
 # script (e.g. /usr/local/bin/nvcc) from which torch would guess a CUDA home without libcudart.
@@ -37,10 +40,37 @@ def _want_cuda():
     return found and torch.version.cuda is not None
 
 
+def _cxx_driver():
+    """The C++ driver setuptools links with: $CXX when set, else Python's own."""
+    return shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
+
+
+def _libstdcxx_link_flags():
+    """-l:libstdc++.so.6 where the C++ driver would link libstdc++ statically.
+
+    A relocated GCC (e.g. CXX=/opt/gcc/bin/g++) may carry libstdc++.a but no libstdc++.so, and its
+    implicit -lstdc++ then copies libstdc++ into the extension. That private copy's iostreams share
+    locale data with the process's libstdc++.so.6 (loaded by torch) but not its facet indices: the first
+    c10::str with a number (every TORCH_CHECK message) crashes or is cut short. Naming the shared
+    library first leaves the archive nothing to supply.
+    """
+    try:
+        found = subprocess.run(
+            _cxx_driver() + ["-print-file-name=libstdc++.so"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [] if os.path.isabs(found) else ["-l:libstdc++.so.6"]
+
+
 def _extension():
     sources = [os.path.join(CSRC, "extension.cpp")]
     sources += sorted(glob.glob(os.path.join(CSRC, "ops", "*.cpp")))
     sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cpu", "*.cpp")))
+    # Always, nvcc or not: the CUDA driver, and the CUDA kernels compiled for the host (the emulated
+    # CUDA ops that the tests run on every machine).
+    sources.append(os.path.join(CSRC, "ops", "cuda", "column_driver.cpp"))
+    sources += sorted(glob.glob(os.path.join(CSRC, "ops", "emulated_cuda", "*.cpp")))
     include_dirs = [os.path.join(ROOT, CSRC)]
     cxx_flags = ["-O3"]
     if sys.platform != "win32":
@@ -48,7 +78,7 @@ def _extension():
         # branch-free bilinear sampling (deform_math.h) into vector selects, since it may not
         # speculate a float-to-int conversion. Values are unchanged (unlike -ffast-math).
         cxx_flags.append("-fno-trapping-math")
-    link_flags = []
+    link_flags = _libstdcxx_link_flags() if sys.platform.startswith("linux") else []
     # at::parallel_for is a header template: without -fopenmp it compiles to a serial loop, and every
     # CPU kernel would run on one thread. The library resolves to the libgomp torch already loaded.
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
@@ -70,12 +100,11 @@ def _extension():
         "projects_dcnv2: building the CPU and CUDA kernels "
         f"(CUDA_HOME={cpp_extension.CUDA_HOME}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})"
     )
-    sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cuda", "*.cpp")))
+    sources.append(os.path.join(CSRC, "ops", "cuda", "cuda_ops.cpp"))
     sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cuda", "*.cu")))
     # ATen/cuda headers include cusparse.h etc., shipped in NVIDIA's pip packages next to torch.
-    for site in {os.path.dirname(os.path.dirname(torch.__file__))}:
-        for extra in glob.glob(os.path.join(site, "nvidia", "cu*", "include")):
-            include_dirs.append(extra)
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    include_dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
     define_macros.append(("WITH_CUDA", None))
     nvcc_flags = ["-O3", "-lineinfo"]
     return cpp_extension.CUDAExtension(
@@ -88,6 +117,27 @@ def _extension():
     )
 
 
+class _BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """BuildExtension that refuses a Linux build with libstdc++ linked in statically (see above)."""
+
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        path = self.get_ext_fullpath(ext.name)
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            dynamic = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return  # no binutils: nothing to check with
+        if "libstdc++.so" not in dynamic:
+            os.remove(path)
+            sys.exit(
+                f"projects_dcnv2: {path} links libstdc++ statically (no libstdc++.so in its NEEDED), "
+                f"which crashes every error message; the C++ driver {' '.join(_cxx_driver())!r} finds no "
+                "libstdc++.so: set CXX to a compiler that has one (e.g. CXX=g++)"
+            )
+
+
 setup(
     name="projects_dcnv2",
     version="0.1.0",
@@ -95,6 +145,6 @@ setup(
     packages=find_packages(include=["projects_dcnv2", "projects_dcnv2.*"]),
     python_requires=">=3.9",
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt},
     zip_safe=False,
 )

@@ -195,8 +195,15 @@ DCN_HOST_DEVICE T conv_tap_x(const ConvGeometry& g, int64_t wo, int64_t j, T dx)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Modulated deformable RoI pooling (MMCV RoIAlign-style deform_roi_pool semantics): the sampling grid
-// of one output bin (ph, pw). The whole bin is translated by gamma * offset * RoI size
+// Modulated deformable RoI pooling (MMCV RoIAlign-style deform_roi_pool semantics).
+struct RoiPoolGeometry {
+  int64_t batch, channels, height, width;  // input
+  int64_t num_rois, pooled_h, pooled_w;
+  int64_t sampling_ratio;  // samples per bin side; <= 0: adaptive (ceil of the bin size)
+  double spatial_scale, gamma;
+};
+
+// The sampling grid of one output bin (ph, pw). The whole bin is translated by gamma * offset * RoI size
 // (offset channel 0 = dx, channel 1 = dy).
 template <typename T>
 struct RoiBin {
@@ -239,62 +246,6 @@ DCN_HOST_DEVICE T roi_bin_sample_y(const RoiBin<T>& b, int iy) {
 template <typename T>
 DCN_HOST_DEVICE T roi_bin_sample_x(const RoiBin<T>& b, int ix) {
   return b.x_start + (static_cast<T>(ix) + T(0.5)) * b.bin_w / static_cast<T>(b.grid_w);
-}
-
-// Average of the bin's samples in one channel plane.
-template <typename T, typename V>
-DCN_HOST_DEVICE T roi_bin_average(const RoiBin<T>& b, const V* plane, int H, int W) {
-  T sum = T(0);
-  Corners<T> c;
-  for (int iy = 0; iy < b.grid_h; ++iy) {
-    const T y = roi_bin_sample_y(b, iy);
-    for (int ix = 0; ix < b.grid_w; ++ix) {
-      if (roi_sample(y, roi_bin_sample_x(b, ix), H, W, c)) {
-        sum += c.value(plane);
-      }
-    }
-  }
-  return sum * b.inv_count;
-}
-
-// d(bin average) / d(bin translation) in one channel plane, scaled by grad: returns (d/dy, d/dx) of
-// grad * average with respect to the bin's start coordinates.
-template <typename T, typename V>
-DCN_HOST_DEVICE void roi_bin_coord_grad(const RoiBin<T>& b, const V* plane, int H, int W, T grad, T& gy,
-                                        T& gx) {
-  Corners<T> c;
-  T sy = T(0), sx = T(0);
-  for (int iy = 0; iy < b.grid_h; ++iy) {
-    const T y = roi_bin_sample_y(b, iy);
-    for (int ix = 0; ix < b.grid_w; ++ix) {
-      if (roi_sample(y, roi_bin_sample_x(b, ix), H, W, c)) {
-        for (int n = 0; n < 4; ++n) {
-          const T v = static_cast<T>(plane[c.idx[n]]);
-          sy += c.wy[n] * v;
-          sx += c.wx[n] * v;
-        }
-      }
-    }
-  }
-  gy += grad * sy * b.inv_count;
-  gx += grad * sx * b.inv_count;
-}
-
-// Scatters grad * d(bin average)/d(input) into a gradient plane through add(index, value).
-template <typename T, typename Add>
-DCN_HOST_DEVICE void roi_bin_input_grad(const RoiBin<T>& b, int H, int W, T grad, Add add) {
-  Corners<T> c;
-  const T g = grad * b.inv_count;
-  for (int iy = 0; iy < b.grid_h; ++iy) {
-    const T y = roi_bin_sample_y(b, iy);
-    for (int ix = 0; ix < b.grid_w; ++ix) {
-      if (roi_sample(y, roi_bin_sample_x(b, ix), H, W, c)) {
-        for (int n = 0; n < 4; ++n) {
-          add(c.idx[n], g * c.w[n]);
-        }
-      }
-    }
-  }
 }
 
 }  // namespace dcnv2

@@ -6,17 +6,13 @@
 
 #include "checks.h"
 
+#include <string>
+
 namespace dcnv2 {
 
 TORCH_LIBRARY_FRAGMENT(dcnv2, m) {
-  m.def(
-      "deform_roi_pool(Tensor input, Tensor rois, Tensor? offset, int pooled_h, int pooled_w, "
-      "float spatial_scale, int sampling_ratio, float gamma) -> Tensor",
-      {at::Tag::pt2_compliant_tag});
-  m.def(
-      "_deform_roi_pool_backward(Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, int pooled_h, "
-      "int pooled_w, float spatial_scale, int sampling_ratio, float gamma) -> (Tensor, Tensor)",
-      {at::Tag::pt2_compliant_tag});
+  m.def((std::string("deform_roi_pool") + kRoiPoolSignature).c_str(), {at::Tag::pt2_compliant_tag});
+  m.def((std::string("_deform_roi_pool_backward") + kRoiPoolBackwardSignature).c_str(), {at::Tag::pt2_compliant_tag});
 }
 
 namespace {

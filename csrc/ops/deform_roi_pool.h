@@ -10,14 +10,18 @@
 
 #include <tuple>
 
+#include "deform_math.h"
+
 namespace dcnv2 {
 
-struct RoiPoolGeometry {
-  int64_t batch, channels, height, width;
-  int64_t num_rois, pooled_h, pooled_w;
-  int64_t sampling_ratio;
-  double spatial_scale, gamma;
-};
+// The operators' signatures (what follows the name in the schema), shared by the public operators and
+// their emulated-CUDA twins (emulated_cuda/).
+constexpr const char* kRoiPoolSignature =
+    "(Tensor input, Tensor rois, Tensor? offset, int pooled_h, int pooled_w, float spatial_scale, "
+    "int sampling_ratio, float gamma) -> Tensor";
+constexpr const char* kRoiPoolBackwardSignature =
+    "(Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, int pooled_h, int pooled_w, "
+    "float spatial_scale, int sampling_ratio, float gamma) -> (Tensor, Tensor)";
 
 struct RoiPoolPrimitives {
   // output (K, C, PH, PW) <- bin averages; offset is undefined when there is none

@@ -3,12 +3,12 @@
 // Shapes: input (N, C, H, W); offset (N, 2*dg*kh*kw, Ho, Wo) laid out [group][tap i*kw+j][dy, dx];
 // mask (N, dg*kh*kw, Ho, Wo) laid out [group][tap]; weight (Cout, C/groups, kh, kw); bias (Cout) or none.
 //
-// The driver (modulated_deform_conv2d.cpp) checks arguments, walks the output in column blocks (a tile
-// of one image's positions, or several whole images) whose column buffer stays under a fixed budget,
-// and hands every GEMM to ATen (MKL / cuBLAS). The CUDA kernels (cuda/) plug the three column
-// primitives below into it. The CPU backend (cpu/) shares the argument checks and the column blocks
-// but has its own channels-last driver: its columns are (positions, kh*kw*C) rows, so the bilinear
-// corners of a tap are found once and then blended over contiguous channels (vectorised loops).
+// Here: the schemas, the argument checks (mdconv_geometry) and the column blocks (a tile of one
+// image's positions, or several whole images, whose column buffer stays under a budget), shared by
+// both backends. Each backend has its own driver: CUDA's (cuda/column_driver.h) builds (C*kh*kw,
+// columns) buffers and hands every GEMM to ATen; the CPU's (cpu/modulated_deform_conv2d_loops.h)
+// builds channels-last (columns, kh*kw*C) rows, so the bilinear corners of a tap are found once and
+// blended over contiguous channels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,6 +20,16 @@
 #include "deform_math.h"
 
 namespace dcnv2 {
+
+// The operators' signatures (what follows the name in the schema), shared by the public operators and
+// their emulated-CUDA twins (emulated_cuda/).
+constexpr const char* kMDConvSignature =
+    "(Tensor input, Tensor offset, Tensor mask, Tensor weight, Tensor? bias, int stride_h, int stride_w, "
+    "int pad_h, int pad_w, int dilation_h, int dilation_w, int groups, int deformable_groups) -> Tensor";
+constexpr const char* kMDConvBackwardSignature =
+    "(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, Tensor weight, Tensor? bias, int stride_h, "
+    "int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int groups, int deformable_groups) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)";
 
 // Checks every argument (shapes, dtypes, devices, conv parameters) and returns the geometry.
 ConvGeometry mdconv_geometry(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
@@ -43,30 +53,5 @@ int64_t mdconv_max_block_columns(const std::vector<ColumnBlock>& blocks);
 inline bool mdconv_has_work(const ConvGeometry& g) {
   return g.batch > 0 && g.channels > 0 && g.out_channels > 0 && g.height > 0 && g.width > 0;
 }
-
-struct MDConvPrimitives {
-  // columns (C*kh*kw, blk.nb*blk.np) <- mask * bilinear(input) for the block's columns
-  void (*im2col)(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
-                 const ConvGeometry& g, const ColumnBlock& blk, at::Tensor& columns);
-  // grad_input (N, C, H, W; float32 or float64) += d columns / d input applied to grad_columns
-  void (*col2im)(const at::Tensor& grad_columns, const at::Tensor& offset, const at::Tensor& mask,
-                 const ConvGeometry& g, const ColumnBlock& blk, at::Tensor& grad_input);
-  // grad_offset, grad_mask (N, ...; same dtype as offset) <- ... at the block's columns
-  void (*col2im_coord)(const at::Tensor& grad_columns, const at::Tensor& input, const at::Tensor& offset,
-                       const at::Tensor& mask, const ConvGeometry& g, const ColumnBlock& blk,
-                       at::Tensor& grad_offset, at::Tensor& grad_mask);
-};
-
-at::Tensor mdconv_forward(const MDConvPrimitives& prim, const at::Tensor& input, const at::Tensor& offset,
-                          const at::Tensor& mask, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
-                          int64_t dil_w, int64_t groups, int64_t deformable_groups);
-
-// Returns grad_input, grad_offset, grad_mask, grad_weight, grad_bias (empty when bias is none).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdconv_backward(
-    const MDConvPrimitives& prim, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
-    const at::Tensor& mask, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h,
-    int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups,
-    int64_t deformable_groups);
 
 }  // namespace dcnv2

@@ -4,21 +4,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "launch.h"
 #include "launchers.h"
 
 namespace dcnv2 {
-namespace cuda {
+namespace DCN_CUDA_NAMESPACE {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline unsigned int blocks_for(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(blocks < 65535 * 8 ? blocks : 65535 * 8);  // grid-stride loops cover the rest
-}
-
-#define DCN_KERNEL_LOOP(i, n) \
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(blockDim.x) * gridDim.x)
 
 // One thread per (channel, image, output position); loops over the kernel taps.
 template <typename S, typename A>
@@ -111,8 +102,8 @@ cudaError_t mdconv_im2col(const S* input, const S* offset, const S* mask, const 
                           const ColumnBlock& blk, S* columns, cudaStream_t stream) {
   const int64_t n = g.channels * blk.nb * blk.np;
   if (n > 0) {
-    im2col_kernel<S, typename acc_type<S>::type>
-        <<<blocks_for(n), kThreads, 0, stream>>>(input, offset, mask, g, blk, columns);
+    const auto kernel = im2col_kernel<S, typename acc_type<S>::type>;
+    DCN_LAUNCH(kernel, blocks_for(n), kThreads, stream)(input, offset, mask, g, blk, columns);
   }
   return cudaGetLastError();
 }
@@ -122,8 +113,8 @@ cudaError_t mdconv_col2im(const S* grad_columns, const S* offset, const S* mask,
                           const ColumnBlock& blk, typename acc_type<S>::type* grad_input, cudaStream_t stream) {
   const int64_t n = g.channels * g.kernel_h * g.kernel_w * blk.nb * blk.np;
   if (n > 0) {
-    col2im_kernel<S, typename acc_type<S>::type>
-        <<<blocks_for(n), kThreads, 0, stream>>>(grad_columns, offset, mask, g, blk, grad_input);
+    const auto kernel = col2im_kernel<S, typename acc_type<S>::type>;
+    DCN_LAUNCH(kernel, blocks_for(n), kThreads, stream)(grad_columns, offset, mask, g, blk, grad_input);
   }
   return cudaGetLastError();
 }
@@ -134,8 +125,9 @@ cudaError_t mdconv_col2im_coord(const S* grad_columns, const S* input, const S* 
                                 cudaStream_t stream) {
   const int64_t n = g.deformable_groups * g.kernel_h * g.kernel_w * blk.nb * blk.np;
   if (n > 0) {
-    col2im_coord_kernel<S, typename acc_type<S>::type><<<blocks_for(n), kThreads, 0, stream>>>(
-        grad_columns, input, offset, mask, g, blk, grad_offset, grad_mask);
+    const auto kernel = col2im_coord_kernel<S, typename acc_type<S>::type>;
+    DCN_LAUNCH(kernel, blocks_for(n), kThreads, stream)(grad_columns, input, offset, mask, g, blk, grad_offset,
+                                                        grad_mask);
   }
   return cudaGetLastError();
 }
@@ -153,5 +145,5 @@ DCN_INSTANTIATE(double)
 DCN_INSTANTIATE(c10::Half)
 DCN_INSTANTIATE(c10::BFloat16)
 
-}  // namespace cuda
+}  // namespace DCN_CUDA_NAMESPACE
 }  // namespace dcnv2
