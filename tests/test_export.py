@@ -301,6 +301,18 @@ def test_tool_exports_mdconv_mask_rcnn_to_onnx(tool, sample_image, tmp_path):
     torch.testing.assert_close(instances.scores, expected.scores, rtol=0, atol=1e-5)
     torch.testing.assert_close(instances.pred_masks, expected.pred_masks, rtol=0, atol=1e-5)
 
+    # --run-eval's wrapper: detections rescaled to the original 96 x 80 image, as model(inputs) does.
+    assert inputs[0]["image"].shape[1:] != (inputs[0]["height"], inputs[0]["width"])
+    with torch.no_grad():
+        full = model(inputs)[0]["instances"]
+    wrapped = tool.ExportedRCNN(runner, adapter)(inputs)[0]["instances"]
+    assert wrapped.image_size == full.image_size == (96, 80)
+    torch.testing.assert_close(wrapped.pred_boxes.tensor, full.pred_boxes.tensor, rtol=0, atol=2e-3)
+    torch.testing.assert_close(wrapped.scores, full.scores, rtol=0, atol=1e-5)
+    assert (
+        wrapped.pred_masks != full.pred_masks
+    ).float().mean() < 1e-3  # pasted, thresholded at 0.5
+
 
 def test_tool_mdpool_exports_the_backbone_and_refuses_the_whole_model(tool, sample_image, tmp_path):
     config = str(QUICK / "faster_rcnn_R50_FPN_mdpool_shapes.yaml")
