@@ -1,7 +1,8 @@
 """Property-based fuzzing of both ops and their backward ops: hostile input never crashes the process.
 
 Hypothesis draws valid argument sets, edges included (batch 0, 0 or 1 channels, height or width 0,
-kernel 1, odd and even kernels, stride and dilation up to 4, groups x deformable groups, offsets 0 /
+kernel 1, odd and even kernels, stride and dilation up to 4 (rarely strides, paddings and dilations
+past 2^31), groups x deformable groups, offsets 0 /
 1e-6 / 1e4 / NaN / inf; RoIs empty, inverted, degenerate, far outside, large; output size 1,
 sampling ratio 0..4; non-contiguous and channels-last tensors; small column budgets and 1 or 2
 threads), and then, in about one example in four, one invalid mutation (a wrong size, a zero or
