@@ -392,8 +392,7 @@ def _fuzz_test(backend, strategy):
         _check(worker, spec)
 
     for ex in EMPTY_INPUT_EXAMPLES if strategy is conv_examples else []:
-        dtype = ex["dtype"] if ex["dtype"] in DTYPES[backend] else DTYPES[backend][0]
-        run = hyp_example(spec=dict(ex, backend=backend, dtype=dtype))(run)
+        run = hyp_example(spec=dict(ex, backend=backend))(run)
     return run
 
 
