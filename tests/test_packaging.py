@@ -144,9 +144,10 @@ def test_import_registers_the_detectron2_components():
 # A pairwise cover of (pip, setuptools, wheel). pip 23.2.1 + setuptools 80 + wheel is the
 # combination in which `pip install -e .` once fell back to `setup.py develop` (which re-ran pip
 # with build isolation: "No module named 'torch'"); it installs both ways. The other cases install
-# `.` only: they share the copy's build/ folder, so ninja compiles nothing after the first build,
-# while each editable build compiles from scratch in a temporary folder (minutes on 2 cores);
-# `make setup` itself is the editable install with pip 23.2.1, setuptools 84 and no wheel.
+# `.` only: they share the copy's build/ folder and one venv path (its include folder is on the
+# compile line), so ninja compiles nothing after the first build, while each editable build
+# compiles from scratch in a temporary folder (minutes on 2 cores); `make setup` itself is the
+# editable install with pip 23.2.1, setuptools 84 and no wheel.
 # Each case is a fresh venv that sees the torch of the interpreter running the tests through a
 # .pth file (the way `--system-site-packages` would show a system-wide torch), installs with
 # --no-build-isolation and imports the result from outside the source tree. The extension is
@@ -194,6 +195,7 @@ def source_copy(tmp_path_factory):
 
 
 def _venv(path: Path, pip: str, setuptools: str, wheel: bool) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     python = path / "bin" / "python"
     site = run_python("import sysconfig; print(sysconfig.get_paths()['purelib'])", python=python)
@@ -230,7 +232,8 @@ def _venv(path: Path, pip: str, setuptools: str, wheel: bool) -> Path:
     ids=[f"pip{p}-setuptools{s}-{'wheel' if w else 'nowheel'}" for p, s, w, _ in PIP_MATRIX],
 )
 def test_pip_install_into_own_environment(source_copy, tmp_path, pip, setuptools, wheel, modes):
-    python = _venv(tmp_path / "venv", pip, setuptools, wheel)
+    venv = source_copy.parent / "venv"  # one path for every case
+    python = _venv(venv, pip, setuptools, wheel)
     versions = run_python(
         "import importlib.util as u, importlib.metadata as m;"
         " print(m.version('pip'), m.version('setuptools'), u.find_spec('wheel') is not None)",
@@ -247,5 +250,5 @@ def test_pip_install_into_own_environment(source_copy, tmp_path, pip, setuptools
         )
         assert "setup.py develop" not in res.stdout + res.stderr  # the legacy path
         location = Path(run_python(IMPORT_CHECK, python=python, cwd=tmp_path).strip())
-        expected_root = source_copy if editable else tmp_path / "venv"
+        expected_root = source_copy if editable else venv
         assert expected_root in location.parents, (editable, location)
