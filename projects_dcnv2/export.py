@@ -16,7 +16,7 @@ the two, far-outside offsets included).
 
 ``deform_roi_pool`` (mdpool) has no ONNX operator and is not composed from standard ones (see
 ``docs/deploy.md``): exporting a model that uses it raises :class:`UnsupportedOperatorError`. Such
-models deploy through ``torch.export`` / AOTInductor, which keep our operator.
+models deploy through TorchScript tracing, ``torch.export`` or AOTInductor, which keep our operator.
 """
 
 import io
@@ -44,8 +44,9 @@ _MDPOOL = torch.ops.dcnv2.deform_roi_pool.default
 _MDPOOL_MESSAGE = (
     "dcnv2::deform_roi_pool (mdpool) cannot be exported to ONNX: ONNX has no deformable RoI pooling "
     "operator, and RoIAlign cannot take per-bin offsets. Export the backbone + FPN to ONNX and run "
-    "the RoI heads in PyTorch, or deploy the whole model with torch.export (.pt2) or an AOTInductor "
-    "package, which keep the operator (docs/deploy.md)."
+    "the RoI heads in PyTorch, or deploy the model with TorchScript tracing (a whole Detectron2 "
+    "R-CNN: tools/deploy/export_model.py --format torchscript), torch.export (.pt2) or an "
+    "AOTInductor package, which keep the operator (docs/deploy.md)."
 )
 
 
