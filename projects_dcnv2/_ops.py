@@ -33,6 +33,8 @@ def _mdconv_fake(input, offset, mask, weight, bias, stride_h, stride_w, pad_h, p
     torch._check(weight.dim() == 4, lambda: f"weight: expected a 4-D tensor, got {weight.dim()}-D")
     out_h = _conv_out_size(input.shape[2], pad_h, dil_h, weight.shape[2], stride_h)
     out_w = _conv_out_size(input.shape[3], pad_w, dil_w, weight.shape[3], stride_w)
+    for size in (out_h, out_w):  # as the kernels: an input smaller than the dilated kernel is an error
+        torch._check(size > 0, lambda: "input: expected a padded spatial size of at least the dilated kernel")
     return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
 
 

@@ -255,12 +255,6 @@ def test_pool_device_mismatch(arg, api):
     _check_message(excinfo, arg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="csrc mdconv_geometry computes (H + 2p - dilated kernel) / stride + 1 with C++ division, which "
-    "truncates a negative numerator toward zero: with stride > 1 the op returns a 1x1 output (fake kernel: 0x0); "
-    "found by tests/test_fuzz_ops.py, reported to the C++ owner",
-)
 def test_input_smaller_than_the_kernel_is_an_error_at_every_stride():
     """A 1x1 input, a 3x3 kernel, no padding: there is no output position, whatever the stride.
     (F.conv2d raises; the fake kernel's floor division gives a 0x0 output.)"""

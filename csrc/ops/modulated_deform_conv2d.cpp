@@ -88,11 +88,15 @@ ConvGeometry mdconv_geometry(const at::Tensor& input, const at::Tensor& offset, 
               ", kh, kw) for ", g.channels, " input channels and groups=", groups, ", got ", weight.sizes());
   TORCH_CHECK(g.kernel_h > 0 && g.kernel_w > 0, kOp, "weight: expected a non-empty kernel, got shape ",
               weight.sizes());
-  g.out_h = (g.height + 2 * pad_h - (dil_h * (g.kernel_h - 1) + 1)) / stride_h + 1;
-  g.out_w = (g.width + 2 * pad_w - (dil_w * (g.kernel_w - 1) + 1)) / stride_w + 1;
-  TORCH_CHECK(g.out_h > 0 && g.out_w > 0, kOp, "input: expected a padded spatial size of at least the dilated ",
+  // Checked before dividing: C++ division truncates a negative numerator toward zero, which would give
+  // a 1-pixel output for an input smaller than the kernel whenever stride > 1.
+  const int64_t span_h = g.height + 2 * pad_h - (dil_h * (g.kernel_h - 1) + 1);
+  const int64_t span_w = g.width + 2 * pad_w - (dil_w * (g.kernel_w - 1) + 1);
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, kOp, "input: expected a padded spatial size of at least the dilated ",
               "kernel (", dil_h * (g.kernel_h - 1) + 1, ", ", dil_w * (g.kernel_w - 1) + 1, "), got ",
               input.sizes(), " with padding (", pad_h, ", ", pad_w, ")");
+  g.out_h = span_h / stride_h + 1;
+  g.out_w = span_w / stride_w + 1;
   const int64_t taps = g.kernel_h * g.kernel_w;
   const std::vector<int64_t> offset_shape{g.batch, 2 * deformable_groups * taps, g.out_h, g.out_w};
   const std::vector<int64_t> mask_shape{g.batch, deformable_groups * taps, g.out_h, g.out_w};
