@@ -246,7 +246,7 @@ def max_differences(reference, outputs) -> list:
     for ref, out in zip(reference, outputs):
         same = tuple(ref.shape) == tuple(out.shape)
         diffs.append(
-            (out.double() - ref.double()).abs().max().item()
+            (out.to(ref.device).double() - ref.double()).abs().max().item()
             if same and ref.numel()
             else (0.0 if same else float("inf"))
         )
@@ -273,20 +273,17 @@ class ExportedRCNN:
         return results
 
 
-def _report(name, path, diffs):
+def _report(name, path, diffs, reference):
+    scales = [r.abs().max().item() if r.numel() else 0.0 for r in reference]
     print(
-        f"{name}: {path}; largest |exported - PyTorch| per output: "
-        + ", ".join(f"{d:.3g}" for d in diffs)
+        f"{name}: {path}; largest |exported - PyTorch| (largest |PyTorch|) per output: "
+        + ", ".join(f"{d:.3g} ({m:.3g})" for d, m in zip(diffs, scales))
     )
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     cfg = load_dcnv2_config(args.config_file, args.opts)
-    if cfg.MODEL.DEVICE != "cpu" and args.format in ("onnx",):
-        print(
-            f"note: exporting from MODEL.DEVICE={cfg.MODEL.DEVICE}; ONNX Runtime runs it on CPU here"
-        )
     os.makedirs(args.output, exist_ok=True)
     model = build_torch_model(cfg)
     inputs = get_sample_inputs(cfg, args.sample_image)
@@ -297,7 +294,7 @@ def main(argv=None):
     with torch.no_grad():
         reference = tuple(model.backbone(x).values())
         diffs = max_differences(reference, load_exported(path)(x))
-    _report("backbone + FPN", path, diffs)
+    _report("backbone + FPN", path, diffs, reference)
     result["backbone"] = (path, diffs)
     if args.backbone_only or args.format not in _WHOLE_MODEL_FORMATS:
         if args.run_eval:
@@ -314,7 +311,7 @@ def main(argv=None):
     with torch.no_grad():
         reference = adapter(adapter.flattened_inputs[0])
         diffs = max_differences(reference, runner(adapter.flattened_inputs[0]))
-    _report("whole model", path, diffs)
+    _report("whole model", path, diffs, reference)
     result["model"] = (path, diffs)
 
     if args.run_eval:
