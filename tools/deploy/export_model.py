@@ -26,7 +26,7 @@ that error, or use ``--backbone-only``.
 
 After writing, the tool runs each exported file on the sample input (``--sample-image``, else the
 first test image) and prints its largest difference from PyTorch. ``--run-eval`` evaluates the
-exported whole model (ONNX Runtime or TorchScript) with Detectron2's ``COCOEvaluator`` on
+exported whole model (ONNX Runtime or TorchScript) with train_net.py's ``COCOEvaluator`` on
 ``DATASETS.TEST``. Files with our operators (every format but ONNX) need ``import projects_dcnv2``
 (which loads the extension) before they are loaded.
 """
@@ -41,7 +41,7 @@ import torch
 
 from detectron2.data import build_detection_test_loader, detection_utils
 from detectron2.data import transforms as T
-from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
+from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.export import TracingAdapter
 from detectron2.modeling import GeneralizedRCNN, build_model
 
@@ -273,6 +273,14 @@ class ExportedRCNN:
         return results
 
 
+def _train_net_evaluator(cfg, dataset, output_folder):
+    """The COCO evaluator train_net.py evaluates with (fast COCOeval only with detectron2._C)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from train_net import Trainer
+
+    return Trainer.build_evaluator(cfg, dataset, output_folder)
+
+
 def _report(name, path, diffs, reference):
     scales = [r.abs().max().item() if r.numel() else 0.0 for r in reference]
     print(
@@ -316,7 +324,7 @@ def main(argv=None):
 
     if args.run_eval:
         dataset = cfg.DATASETS.TEST[0]
-        evaluator = COCOEvaluator(dataset, output_dir=os.path.join(args.output, "inference"))
+        evaluator = _train_net_evaluator(cfg, dataset, os.path.join(args.output, "inference"))
         metrics = inference_on_dataset(
             ExportedRCNN(runner, adapter), build_detection_test_loader(cfg, dataset), evaluator
         )
