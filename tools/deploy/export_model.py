@@ -44,6 +44,7 @@ from detectron2.data import transforms as T
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.export import TracingAdapter
 from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.utils.logger import setup_logger
 
 from projects_dcnv2 import load_dcnv2_config  # (the import registers the components)
 from projects_dcnv2.checkpoint import DCNv2Checkpointer
@@ -291,6 +292,7 @@ def _report(name, path, diffs, reference):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    setup_logger()  # Detectron2's logging (evaluation results, print_csv_format)
     cfg = load_dcnv2_config(args.config_file, args.opts)
     os.makedirs(args.output, exist_ok=True)
     model = build_torch_model(cfg)
