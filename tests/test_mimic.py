@@ -6,8 +6,13 @@ branch uses ``roi_align``); the model-level tests use the paper-complete configs
 widths (every layer kept) on 64-pixel images.
 """
 
+import json
 import logging
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -456,3 +461,30 @@ def test_mmdet_mdconv_weights_load_into_the_paper_complete_configs(tmp_path, tar
     assert not_loaded["mdpool"] == 4 * 5 * 2  # 4 levels x (3 offset_fc + 2 mask_fc) x (w, b)
     assert sum(not_loaded.values()) == 40 + (2 if "mimic" in target else 0)
     assert "left at the model's initialisation: mdpool 40" in checkpointer.report.summary()
+
+
+# ------------------------------------------------------------------------------------------------
+# train_net.py with the quick mimic config: the two losses reach the log and metrics.json.
+
+
+def test_train_net_logs_the_mimic_losses(tmp_path):
+    from test_train_net import REPO, TINY
+
+    out = tmp_path / "output"
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
+    config = "configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_mimic_shapes.yaml"
+    args = [*TINY, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", config, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert {"loss_mimic", "loss_mimic_cls"} <= set(records[-1])
+    assert records[-1]["loss_mimic"] > 0 and records[-1]["loss_mimic_cls"] > 0
+    log = (out / "log.txt").read_text()
+    assert re.search(r"loss_mimic: [0-9.e-]+ +loss_mimic_cls: [0-9.e-]+", log), log[-3000:]
