@@ -18,6 +18,8 @@ TORCH_LIBRARY_FRAGMENT(dcnv2, m) {
 namespace {
 
 constexpr const char* kOp = "dcnv2.deform_roi_pool: ";
+// 2^20 samples per bin: a bin of 1024 x 1024 feature-map pixels (a 7 x 7 output of a RoI 7168 pixels wide).
+constexpr int64_t kMaxAdaptiveSamples = int64_t(1) << 20;
 
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
   check_same_device_and_dtype(kOp, t, name, input);
@@ -50,6 +52,17 @@ RoiPoolGeometry make_geometry(const at::Tensor& input, const at::Tensor& rois, c
                 "rois: expected batch indices (column 0) in [0, ", input.size(0), "), got values in [",
                 index.min().item<double>(), ", ", index.max().item<double>(), "]");
     TORCH_CHECK(at::isfinite(rois).all().item<bool>(), kOp, "rois: expected finite coordinates, got NaN or inf");
+    if (sampling_ratio <= 0) {
+      // The adaptive grid has ceil(RoI size / output size) samples per bin side: a huge RoI would take
+      // hours (and past 2^31 pixels overflow the grid size), so it is an error instead.
+      const at::Tensor size = (rois.narrow(1, 3, 2) - rois.narrow(1, 1, 2)).to(at::kDouble).clamp_min(0) * spatial_scale;
+      const at::Tensor samples = (size.select(1, 0) / double(pooled_w)).ceil() * (size.select(1, 1) / double(pooled_h)).ceil();
+      const double most = samples.max().item<double>();
+      TORCH_CHECK(most <= double(kMaxAdaptiveSamples), kOp, "rois: expected RoIs whose adaptive sampling grid ",
+                  "(sampling_ratio=0) has at most ", kMaxAdaptiveSamples, " samples per bin, got one with ", most,
+                  " (RoI of ", size.select(1, 0).max().item<double>(), " x ", size.select(1, 1).max().item<double>(),
+                  " feature-map pixels at most); pass a positive sampling_ratio for such RoIs");
+    }
   }
   RoiPoolGeometry g;
   g.batch = input.size(0);
