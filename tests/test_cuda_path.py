@@ -209,8 +209,10 @@ def test_emulated_grid_stride_loops_cover_a_capped_grid(monkeypatch):
             assert_within(g, r, s, torch.float64, f"max {blocks} blocks, {name}")
         x, rois, offset, grad, pp = pool_inputs("mixed", (3, 2), torch.float64)
         got = (be.pool(x, rois, offset, 3, 2, *pp), *be.pool_backward(grad, x, rois, offset, 3, 2, *pp))
-        ref = (OPS.deform_roi_pool(x, rois, offset, 3, 2, *pp), *OPS._deform_roi_pool_backward(grad, x, rois, offset, 3, 2, *pp))
-        for name, g, r, s in zip(["output", "grad input", "grad offset"], got, ref, pool_scale(x, rois, offset, grad, 3, 2, pp)):
+        pool_ref = (OPS.deform_roi_pool(x, rois, offset, 3, 2, *pp),
+                    *OPS._deform_roi_pool_backward(grad, x, rois, offset, 3, 2, *pp))
+        pool_s = pool_scale(x, rois, offset, grad, 3, 2, pp)
+        for name, g, r, s in zip(["output", "grad input", "grad offset"], got, pool_ref, pool_s):
             assert_within(g, r, s, torch.float64, f"max {blocks} blocks, pool {name}")
 
 
