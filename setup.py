@@ -16,7 +16,13 @@ import sysconfig
 if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError:
+    sys.exit(
+        "projects_dcnv2 builds against the torch already installed, and none was found here: install torch "
+        "first, then build without build isolation: pip install [-e] . --no-build-isolation"
+    )
 from setuptools import find_packages, setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
@@ -138,12 +144,9 @@ class _BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
             )
 
 
+# name, version, description and Python version: pyproject.toml
 setup(
-    name="projects_dcnv2",
-    version="0.1.0",
-    description="DCNv2 (modulated deformable convolution and RoI pooling) for Detectron2",
     packages=find_packages(include=["projects_dcnv2", "projects_dcnv2.*"]),
-    python_requires=">=3.9",
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExt},
     zip_safe=False,
