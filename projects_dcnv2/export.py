@@ -30,6 +30,7 @@ from . import layers  # noqa: F401  (loads the extension: torch.ops.dcnv2.* must
 __all__ = [
     "MIN_OPSET",
     "ONNX_TRANSLATIONS",
+    "TupleOutputs",
     "UnsupportedOperatorError",
     "export_onnx",
     "fix_ir_version",
@@ -116,6 +117,18 @@ _register_torchscript_symbolics()
 
 
 # ---------------------------------------------------------------------------------------------
+class TupleOutputs(torch.nn.Module):
+    """Wraps a module of one input ``x`` that returns a dict of tensors (a backbone's p2..p6) to
+    return them as a tuple, in the dict's order: exported graphs and runtimes take flat outputs."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return tuple(self.module(x).values())
+
+
 def fix_ir_version(model_proto):
     """Lowers ``model_proto.ir_version`` (in place) to the oldest IR version that declares its opsets.
 

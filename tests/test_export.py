@@ -236,6 +236,11 @@ def _random_weights(tool, config, folder):
     return str(path)
 
 
+def _tool_argv(config, sample_image, output, *opts):
+    return ["--config-file", config, "--format", "onnx", "--sample-image", sample_image,
+            "--output", str(output), *SMALL, *opts]  # fmt: skip
+
+
 def _fpn_tolerance(reference):
     """Float32 rounding of these GroupNorm networks: eager float32 is up to 1.3e-5 x the largest
     feature away from float64 (measured on the tiny backbone below), and a different summation
@@ -246,21 +251,7 @@ def _fpn_tolerance(reference):
 def test_tool_exports_mdconv_mask_rcnn_to_onnx(tool, sample_image, tmp_path):
     weights = _random_weights(tool, "mask_rcnn_R50_FPN_mdconv_shapes.yaml", tmp_path)
     config = str(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml")
-    result = tool.main(
-        [
-            "--config-file",
-            config,
-            "--format",
-            "onnx",
-            "--sample-image",
-            sample_image,
-            "--output",
-            str(tmp_path),
-            *SMALL,
-            "MODEL.WEIGHTS",
-            weights,
-        ]
-    )
+    result = tool.main(_tool_argv(config, sample_image, tmp_path, "MODEL.WEIGHTS", weights))
     assert (tmp_path / "backbone.onnx").is_file() and (tmp_path / "model.onnx").is_file()
 
     # Independently of the tool's own check: rebuild the model and run both files in ONNX Runtime.
@@ -317,19 +308,7 @@ def test_tool_exports_mdconv_mask_rcnn_to_onnx(tool, sample_image, tmp_path):
 def test_tool_mdpool_exports_the_backbone_and_refuses_the_whole_model(tool, sample_image, tmp_path):
     config = str(QUICK / "faster_rcnn_R50_FPN_mdpool_shapes.yaml")
     with pytest.raises(SystemExit, match="whole model not exported: dcnv2::deform_roi_pool .*ONNX"):
-        tool.main(
-            [
-                "--config-file",
-                config,
-                "--format",
-                "onnx",
-                "--sample-image",
-                sample_image,
-                "--output",
-                str(tmp_path),
-                *SMALL,
-            ]
-        )
+        tool.main(_tool_argv(config, sample_image, tmp_path))
     assert (tmp_path / "backbone.onnx").is_file() and not (tmp_path / "model.onnx").exists()
 
 

@@ -48,7 +48,7 @@ from detectron2.utils.logger import setup_logger
 
 from projects_dcnv2 import load_dcnv2_config  # (the import registers the components)
 from projects_dcnv2.checkpoint import DCNv2Checkpointer
-from projects_dcnv2.export import UnsupportedOperatorError, export_onnx
+from projects_dcnv2.export import TupleOutputs, UnsupportedOperatorError, export_onnx
 
 FORMATS = ("onnx", "torchscript", "pt2", "aoti")
 _WHOLE_MODEL_FORMATS = ("onnx", "torchscript")
@@ -162,20 +162,9 @@ def _backbone_dims(model, x):
     return {"x": dims}
 
 
-class _Backbone(torch.nn.Module):
-    """The backbone with its FPN outputs as a tuple (p2..p6 order)."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x):
-        return tuple(self.backbone(x).values())
-
-
 def export_backbone(model, x, fmt, output):
     """Writes backbone.{onnx,ts,pt2} or backbone_aoti.pt2; returns the path."""
-    module = _Backbone(model.backbone).eval()
+    module = TupleOutputs(model.backbone).eval()
     names = list(model.backbone.output_shape())
     if fmt == "torchscript":
         path = os.path.join(output, "backbone.ts")
