@@ -4,6 +4,7 @@ The CPU kernels are always built. The CUDA kernels are built whenever nvcc is fo
 (DCNV2_WITH_CUDA=auto, the default; 1 forces them, 0 disables them). Without a visible GPU,
 TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100 and H100 class; sm_80 code also runs on sm_86/89).
 """
+
 import glob
 import os
 import shlex
@@ -13,7 +14,11 @@ import sysconfig
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported. The `nvcc` on PATH may be a wrapper
 # script (e.g. /usr/local/bin/nvcc) from which torch would guess a CUDA home without libcudart.
-if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda"):
+if (
+    "CUDA_HOME" not in os.environ
+    and "CUDA_PATH" not in os.environ
+    and os.path.isdir("/usr/local/cuda")
+):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 try:
@@ -62,7 +67,10 @@ def _libstdcxx_link_flags():
     """
     try:
         found = subprocess.run(
-            _cxx_driver() + ["-print-file-name=libstdc++.so"], capture_output=True, text=True, check=True
+            _cxx_driver() + ["-print-file-name=libstdc++.so"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return []
@@ -132,7 +140,9 @@ class _BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
         if not sys.platform.startswith("linux"):
             return
         try:
-            dynamic = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+            dynamic = subprocess.run(
+                ["readelf", "-d", path], capture_output=True, text=True, check=True
+            ).stdout
         except (OSError, subprocess.CalledProcessError):
             return  # no binutils: nothing to check with
         if "libstdc++.so" not in dynamic:

@@ -18,7 +18,9 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 
 from projects_dcnv2 import load_dcnv2_config
-from projects_dcnv2.checkpoint import DCNv2Checkpointer  # also loads MMDetection / torchvision weights
+
+# DCNv2Checkpointer also loads MMDetection / torchvision weights
+from projects_dcnv2.checkpoint import DCNv2Checkpointer
 from projects_dcnv2.data import check_datasets_on_disk
 from projects_dcnv2.engine import DCNv2Trainer
 

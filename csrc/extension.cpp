@@ -19,9 +19,7 @@ int64_t cuda_version() {
 #endif
 }
 
-TORCH_LIBRARY_FRAGMENT(dcnv2, m) {
-  m.def("_cuda_version", &cuda_version);
-}
+TORCH_LIBRARY_FRAGMENT(dcnv2, m) { m.def("_cuda_version", &cuda_version); }
 
 }  // namespace dcnv2
 

@@ -4,6 +4,7 @@
 installed, importing this package also registers the Detectron2 components (backbones, RoI heads,
 the embedded shapes data set) and exposes ``add_dcnv2_config`` / ``load_dcnv2_config``.
 """
+
 from . import layers  # noqa: F401  (loads the C++/CUDA extension and registers the ops)
 
 try:
@@ -14,9 +15,11 @@ else:
     HAS_DETECTRON2 = True
 
 if HAS_DETECTRON2:
+    from . import (
+        data,  # noqa: F401  (imported so the embedded shapes data set is registered)
+        modeling,  # noqa: F401  (imported so the backbone / ROI-head registrations run)
+    )
     from .config import add_dcnv2_config, load_dcnv2_config
-    from . import modeling  # noqa: F401  (imported so the backbone / ROI-head registrations run)
-    from . import data  # noqa: F401  (imported so the embedded shapes data set is registered)
 
 __all__ = ["HAS_DETECTRON2", "add_dcnv2_config", "load_dcnv2_config"]
 

@@ -4,6 +4,7 @@ its autograd formula (through the separate ``_*_backward`` operator) and its aut
 The kernels themselves are registered by the extension (``csrc/``); after this module is imported
 they are reachable as ``torch.ops.dcnv2.modulated_deform_conv2d`` and ``torch.ops.dcnv2.deform_roi_pool``.
 """
+
 import torch
 
 try:
@@ -28,13 +29,20 @@ def _conv_out_size(size, pad, dilation, kernel, stride):
 # ---------------------------------------------------------------------------------------------
 # modulated_deform_conv2d
 @torch.library.register_fake("dcnv2::modulated_deform_conv2d")
-def _mdconv_fake(input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, dg):
+def _mdconv_fake(
+    input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, dg
+):
     torch._check(input.dim() == 4, lambda: f"input: expected a 4-D tensor, got {input.dim()}-D")
     torch._check(weight.dim() == 4, lambda: f"weight: expected a 4-D tensor, got {weight.dim()}-D")
     out_h = _conv_out_size(input.shape[2], pad_h, dil_h, weight.shape[2], stride_h)
     out_w = _conv_out_size(input.shape[3], pad_w, dil_w, weight.shape[3], stride_w)
-    for size in (out_h, out_w):  # as the kernels: an input smaller than the dilated kernel is an error
-        torch._check(size > 0, lambda: "input: expected a padded spatial size of at least the dilated kernel")
+    for size in (
+        out_h,
+        out_w,
+    ):  # as the kernels: an input smaller than the dilated kernel is an error
+        torch._check(
+            size > 0, lambda: "input: expected a padded spatial size of at least the dilated kernel"
+        )
     return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
 
 
@@ -62,9 +70,13 @@ def _mdconv_backward(ctx, grad):
         grad, input, offset, mask, weight, bias, *ctx.params
     )
     grad_input, grad_offset, grad_mask, grad_weight, grad_bias = grads
-    return (grad_input, grad_offset, grad_mask, grad_weight, grad_bias if bias is not None else None) + (
-        None,
-    ) * len(ctx.params)
+    return (
+        grad_input,
+        grad_offset,
+        grad_mask,
+        grad_weight,
+        grad_bias if bias is not None else None,
+    ) + (None,) * len(ctx.params)
 
 
 torch.library.register_autograd(
@@ -95,11 +107,17 @@ def _pool_setup_context(ctx, inputs, output):
 
 def _pool_backward(ctx, grad):
     input, rois, offset = ctx.saved_tensors
-    grad_input, grad_offset = torch.ops.dcnv2._deform_roi_pool_backward(grad, input, rois, offset, *ctx.params)
-    return (grad_input, None, grad_offset if offset is not None else None) + (None,) * len(ctx.params)
+    grad_input, grad_offset = torch.ops.dcnv2._deform_roi_pool_backward(
+        grad, input, rois, offset, *ctx.params
+    )
+    return (grad_input, None, grad_offset if offset is not None else None) + (None,) * len(
+        ctx.params
+    )
 
 
-torch.library.register_autograd("dcnv2::deform_roi_pool", _pool_backward, setup_context=_pool_setup_context)
+torch.library.register_autograd(
+    "dcnv2::deform_roi_pool", _pool_backward, setup_context=_pool_setup_context
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 
 ``train_net.py`` subclasses it and adds only the evaluator.
 """
+
 from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 
@@ -38,5 +39,7 @@ class DCNv2Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        mapper = CheckedMapper(DatasetMapper(cfg, True), num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        mapper = CheckedMapper(
+            DatasetMapper(cfg, True), num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        )
         return build_detection_train_loader(cfg, mapper=mapper)

@@ -1,5 +1,6 @@
 """Shared pytest setup: the reference implementations in this folder are importable, and op tests
 can opt into `op_test_env` (e.g. ``pytestmark = pytest.mark.usefixtures("op_test_env")``)."""
+
 import os
 import sys
 
@@ -18,6 +19,7 @@ def op_test_env():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
 
 # The seed table's configs and their plain twins, shared by the config and modeling tests.
 SEED_CONFIGS = [

@@ -6,6 +6,7 @@ differentiable through autograd so that they also give reference gradients.
 Shape shorthand: N batch, C channels, H x W input size, Ho x Wo output size, K = kh * kw kernel taps,
 dg deformable groups, R RoIs, P = (Ph, Pw) pooled size.
 """
+
 import math
 from typing import Optional, Tuple, Union
 
@@ -119,7 +120,9 @@ def mdconv2d_ref(
 # ------------------------------------------------------------------------------------------------
 # Deformable RoI pooling (MMCV RoIAlign-style)
 # ------------------------------------------------------------------------------------------------
-def _roialign_bilinear(feat: torch.Tensor, y: torch.Tensor, x: torch.Tensor, offset_grad: str) -> torch.Tensor:
+def _roialign_bilinear(
+    feat: torch.Tensor, y: torch.Tensor, x: torch.Tensor, offset_grad: str
+) -> torch.Tensor:
     """RoIAlign-style bilinear sampling (docs/semantics.md, "Border rules") of feat (C, H, W) at M points y, x (M,).
 
     offset_grad selects the gradient w.r.t. y and x:
@@ -226,9 +229,13 @@ def deform_roi_pool_ref(
 # ------------------------------------------------------------------------------------------------
 # Comparison helper shared by the op tests
 # ------------------------------------------------------------------------------------------------
-def assert_same(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
+def assert_same(
+    actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str
+) -> None:
     """Same shape and dtype, and close; the failure message names `what` and the max abs error."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     err = (actual - expected).abs().max().item() if actual.numel() else 0.0
     torch.testing.assert_close(

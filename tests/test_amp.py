@@ -18,6 +18,7 @@ one rounding into the leaf's dtype.
 
 import pytest
 import torch
+from test_modeling import CONFIG_DIR, _batch, build  # noqa: E402  (seed configs, CPU size)
 
 from projects_dcnv2.layers import (
     WITH_CUDA,
@@ -26,8 +27,6 @@ from projects_dcnv2.layers import (
     deform_roi_pool,
     modulated_deform_conv2d,
 )
-
-from test_modeling import CONFIG_DIR, _batch, build  # noqa: E402  (seed configs, CPU size)
 
 pytestmark = pytest.mark.usefixtures("op_test_env")  # seed, one thread (conftest.py)
 

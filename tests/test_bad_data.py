@@ -30,6 +30,7 @@ from projects_dcnv2 import add_dcnv2_config
 from projects_dcnv2.data.checks import BadRecordError, CheckedMapper, check_record
 from projects_dcnv2.layers import ModulatedDeformConv2dPack, deform_roi_pool
 from projects_dcnv2.modeling import MDPoolROIPooler
+
 from reference_ops import deform_roi_pool_ref
 
 pytestmark = pytest.mark.usefixtures("op_test_env")  # seed, one thread (conftest.py)

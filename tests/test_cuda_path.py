@@ -13,6 +13,7 @@ bilinear value at the cell's middle row (column), so S there is 2 * mask * the m
 inputs sampled at floor(y) + 1/2 (floor(x) + 1/2). For the pool's offset gradient S is bounded by
 2 * gamma * RoI size * sum_c |grad_output| * max |input_c|.
 """
+
 import math
 
 import pytest
@@ -21,6 +22,7 @@ import torchvision
 
 import projects_dcnv2.layers  # noqa: F401  (loads the extension: registers torch.ops.dcnv2)
 from projects_dcnv2.layers import modulated_deform_conv2d
+
 from reference_ops import deform_roi_pool_ref, mdconv2d_ref
 
 OPS = torch.ops.dcnv2
@@ -44,7 +46,11 @@ BACKENDS = {
 }
 BACKEND_PARAMS = [
     pytest.param("emulated", id="emulated"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: device run skipped")),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: device run skipped"),
+    ),
 ]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["float64", "float32", "float16", "bfloat16"]
@@ -54,10 +60,18 @@ UNITS = {torch.float64: 256, torch.float32: 256, torch.float16: 4, torch.bfloat1
 
 def assert_within(actual, expected, scale, dtype, what):
     """|actual - expected| <= UNITS * eps * (scale + |expected|) per element; NaNs must coincide."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e, s = actual.detach().cpu().double(), expected.detach().cpu().double(), scale.detach().cpu().double()
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
+    a, e, s = (
+        actual.detach().cpu().double(),
+        expected.detach().cpu().double(),
+        scale.detach().cpu().double(),
+    )
     nan = torch.isnan(e)
-    assert torch.equal(torch.isnan(a), nan), f"{what}: NaN at {int(torch.isnan(a).sum())} elements, expected {int(nan.sum())}"
+    assert torch.equal(torch.isnan(a), nan), (
+        f"{what}: NaN at {int(torch.isnan(a).sum())} elements, expected {int(nan.sum())}"
+    )
     a, e, s = a[~nan], e[~nan], s[~nan]
     assert torch.isfinite(a).all(), f"{what}: non-finite values where the reference is finite"
     bound = UNITS[dtype] * torch.finfo(dtype).eps * (s.abs() + e.abs()) + 1e-300
@@ -133,7 +147,12 @@ def _frac_of_sample(o, axis, params, kernel_size):
     K = kh * kw
     if axis == 0:
         base = (torch.arange(Ho, dtype=o.dtype) * sh - ph).view(1, 1, Ho, 1)
-        tap = (torch.arange(kh, dtype=o.dtype) * dh).repeat_interleave(kw).repeat(dg).view(1, dg * K, 1, 1)
+        tap = (
+            (torch.arange(kh, dtype=o.dtype) * dh)
+            .repeat_interleave(kw)
+            .repeat(dg)
+            .view(1, dg * K, 1, 1)
+        )
     else:
         base = (torch.arange(Wo, dtype=o.dtype) * sw - pw).view(1, 1, 1, Wo)
         tap = (torch.arange(kw, dtype=o.dtype) * dw).repeat(kh).repeat(dg).view(1, dg * K, 1, 1)
@@ -178,7 +197,9 @@ def test_conv_matches_cpu_float64(backend, case, dtype, budget, monkeypatch):
     x, weight = ts[0], ts[3]
     hw = ref[0].shape[2] * ref[0].shape[3]
     columns = BUDGETS[budget](hw, x.shape[0])
-    monkeypatch.setenv("DCNV2_MAX_COLUMN_ELEMENTS", str(x.shape[1] * weight.shape[2] * weight.shape[3] * columns))
+    monkeypatch.setenv(
+        "DCNV2_MAX_COLUMN_ELEMENTS", str(x.shape[1] * weight.shape[2] * weight.shape[3] * columns)
+    )
     got = run_conv(be, ts, params, dtype)
     names = ["output", "grad input", "grad offset", "grad mask", "grad weight", "grad bias"]
     for name, g, r, s in zip(names, got, ref, scale):
@@ -191,10 +212,22 @@ def test_conv_cpu_reference_matches_pure_pytorch(case):
     """The float64 reference of the matrix against the pure-PyTorch reference (autograd for gradients)."""
     ts, params, ref, scale = conv_case_data(case, torch.float64)
     x, offset, mask, weight, bias, grad = [t.clone().requires_grad_() for t in ts[:5]] + [ts[5]]
-    out = mdconv2d_ref(x, offset, mask, weight, bias, stride=params[0:2], padding=params[2:4], dilation=params[4:6],
-                       groups=params[6], deformable_groups=params[7])
+    out = mdconv2d_ref(
+        x,
+        offset,
+        mask,
+        weight,
+        bias,
+        stride=params[0:2],
+        padding=params[2:4],
+        dilation=params[4:6],
+        groups=params[6],
+        deformable_groups=params[7],
+    )
     grads = torch.autograd.grad(out, (x, offset, mask, weight, bias), grad)
-    for name, a, r, s in zip(["output", "input", "offset", "mask", "weight", "bias"], (out, *grads), ref, scale):
+    for name, a, r, s in zip(
+        ["output", "input", "offset", "mask", "weight", "bias"], (out, *grads), ref, scale
+    ):
         assert_within(a, r, s, torch.float64, f"pure reference {case} {name}")
 
 
@@ -204,13 +237,22 @@ def test_emulated_grid_stride_loops_cover_a_capped_grid(monkeypatch):
     ts, params, ref, scale = conv_case_data("awkward", torch.float64)
     for blocks in ("1", "3"):
         monkeypatch.setenv("DCNV2_EMULATED_MAX_BLOCKS", blocks)
-        for name, g, r, s in zip(["output", "input", "offset", "mask", "weight", "bias"],
-                                 run_conv(be, ts, params, torch.float64), ref, scale):
+        for name, g, r, s in zip(
+            ["output", "input", "offset", "mask", "weight", "bias"],
+            run_conv(be, ts, params, torch.float64),
+            ref,
+            scale,
+        ):
             assert_within(g, r, s, torch.float64, f"max {blocks} blocks, {name}")
         x, rois, offset, grad, pp = pool_inputs("mixed", (3, 2), torch.float64)
-        got = (be.pool(x, rois, offset, 3, 2, *pp), *be.pool_backward(grad, x, rois, offset, 3, 2, *pp))
-        pool_ref = (OPS.deform_roi_pool(x, rois, offset, 3, 2, *pp),
-                    *OPS._deform_roi_pool_backward(grad, x, rois, offset, 3, 2, *pp))
+        got = (
+            be.pool(x, rois, offset, 3, 2, *pp),
+            *be.pool_backward(grad, x, rois, offset, 3, 2, *pp),
+        )
+        pool_ref = (
+            OPS.deform_roi_pool(x, rois, offset, 3, 2, *pp),
+            *OPS._deform_roi_pool_backward(grad, x, rois, offset, 3, 2, *pp),
+        )
         pool_s = pool_scale(x, rois, offset, grad, 3, 2, pp)
         for name, g, r, s in zip(["output", "grad input", "grad offset"], got, pool_ref, pool_s):
             assert_within(g, r, s, torch.float64, f"max {blocks} blocks, pool {name}")
@@ -229,15 +271,21 @@ def test_conv_non_contiguous_inputs(backend):
     ]
     assert not any(v.is_contiguous() for v in views)
     out = be.conv(*views, bias, *params)
-    grads = be.conv_backward(grad.transpose(2, 3).contiguous().transpose(2, 3), *views, bias, *params)
-    for name, g, r, s in zip(["output", "input", "offset", "mask", "weight", "bias"], (out, *grads), ref, scale):
+    grads = be.conv_backward(
+        grad.transpose(2, 3).contiguous().transpose(2, 3), *views, bias, *params
+    )
+    for name, g, r, s in zip(
+        ["output", "input", "offset", "mask", "weight", "bias"], (out, *grads), ref, scale
+    ):
         assert_within(g, r, s, torch.float32, f"non-contiguous {name}")
 
 
 # ------------------------------------------------------------------------------------------------
 # deform_roi_pool
 # ------------------------------------------------------------------------------------------------
-def pool_inputs(kind, P, dtype, n=3, c=5, H=12, W=15, scale=0.5, sampling_ratio=0, gamma=0.1, with_offset=True):
+def pool_inputs(
+    kind, P, dtype, n=3, c=5, H=12, W=15, scale=0.5, sampling_ratio=0, gamma=0.1, with_offset=True
+):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(n, c, H, W, generator=g)
     img_w, img_h = W / scale, H / scale
@@ -287,7 +335,9 @@ POOL_CASES = {
 def test_pool_matches_cpu_float64(backend, case, dtype):
     be = BACKENDS[backend]()
     kind, (ph, pw), ratio, with_offset = POOL_CASES[case]
-    x, rois, offset, grad, pp = pool_inputs(kind, (ph, pw), dtype, sampling_ratio=ratio, with_offset=with_offset)
+    x, rois, offset, grad, pp = pool_inputs(
+        kind, (ph, pw), dtype, sampling_ratio=ratio, with_offset=with_offset
+    )
     ref_out = OPS.deform_roi_pool(x, rois, offset, ph, pw, *pp)
     ref_gin, ref_goff = OPS._deform_roi_pool_backward(grad, x, rois, offset, ph, pw, *pp)
     s_out, s_gin, s_off = pool_scale(x, rois, offset, grad, ph, pw, pp)
@@ -313,7 +363,9 @@ def test_pool_cpu_reference_matches_pure_pytorch(case):
     out = deform_roi_pool_ref(xl, rois, ol, (ph, pw), pp[0], pp[1], pp[2])
     gin, goff = torch.autograd.grad(out, (xl, ol), grad)
     s_out, s_gin, s_off = pool_scale(x, rois, offset, grad, ph, pw, pp)
-    assert_within(out, OPS.deform_roi_pool(x, rois, offset, ph, pw, *pp), s_out, torch.float64, "pure output")
+    assert_within(
+        out, OPS.deform_roi_pool(x, rois, offset, ph, pw, *pp), s_out, torch.float64, "pure output"
+    )
     ref_gin, ref_goff = OPS._deform_roi_pool_backward(grad, x, rois, offset, ph, pw, *pp)
     assert_within(gin, ref_gin, s_gin, torch.float64, "pure grad input")
     assert_within(goff, ref_goff, s_off, torch.float64, "pure grad offset")
@@ -333,10 +385,21 @@ def test_conv_cuda_matches_torchvision_cuda(case, dtype):
     ts, params, ref, scale = conv_case_data(case, dtype)
     x, offset, mask, weight, bias, _ = (t.to("cuda", dtype) for t in ts)
     sh, sw, ph, pw, dh, dw, groups, dg = params
-    ours = modulated_deform_conv2d(x, offset, mask, weight, bias, stride=(sh, sw), padding=(ph, pw),
-                                   dilation=(dh, dw), groups=groups, deformable_groups=dg)
-    tv = torchvision.ops.deform_conv2d(x, offset, weight, bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
-                                       mask=mask)
+    ours = modulated_deform_conv2d(
+        x,
+        offset,
+        mask,
+        weight,
+        bias,
+        stride=(sh, sw),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+        groups=groups,
+        deformable_groups=dg,
+    )
+    tv = torchvision.ops.deform_conv2d(
+        x, offset, weight, bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), mask=mask
+    )
     assert_within(ours, tv, scale[0].to("cuda", dtype), dtype, f"vs torchvision {case}")
 
 
@@ -347,7 +410,9 @@ def test_conv_autocast_with_float16_inputs():
     ts, params, ref, scale = conv_case_data("basic", torch.float16)
     half = [t.to("cuda", torch.float16) for t in ts[:5]]
     sh, sw, ph, pw, dh, dw, groups, dg = params
-    kw = dict(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups, deformable_groups=dg)
+    kw = dict(
+        stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups, deformable_groups=dg
+    )
     with torch.autocast("cuda", dtype=torch.float16):
         out = modulated_deform_conv2d(*half, **kw)
     assert out.dtype == torch.float32
@@ -393,7 +458,9 @@ def test_conv_pack_cuda_matches_cpu():
 def test_pool_pack_cuda_matches_cpu():
     from projects_dcnv2.layers import ModulatedDeformRoIPoolPack
 
-    pack = ModulatedDeformRoIPoolPack(output_size=7, output_channels=5, deform_fc_channels=32, spatial_scale=0.5)
+    pack = ModulatedDeformRoIPoolPack(
+        output_size=7, output_channels=5, deform_fc_channels=32, spatial_scale=0.5
+    )
     with torch.no_grad():
         for p in pack.parameters():
             p.normal_(0, 0.05)

@@ -5,6 +5,7 @@ MMCV's kernel evaluates it at unclamped coordinates, which differs only for samp
 border band (docs/semantics.md, "Where we differ from MMCV");
 `reference_ops.deform_roi_pool_ref(offset_grad="mmcv")` models that.
 """
+
 from typing import NamedTuple, Tuple, Union
 
 import pytest
@@ -19,6 +20,7 @@ from projects_dcnv2.layers import (
     ModulatedDeformRoIPoolPack,
     deform_roi_pool,
 )
+
 from reference_ops import assert_same, deform_roi_pool_ref, pair
 
 pytestmark = pytest.mark.usefixtures("op_test_env")  # seed, one thread (conftest.py)
@@ -29,7 +31,14 @@ Pair = Union[int, Tuple[int, int]]
 OFFSET_GRAD = "exact"
 
 
-def make_rois(kind: str, num: int, n_img: int, feat_hw: Tuple[int, int], spatial_scale: float, dtype=torch.float64):
+def make_rois(
+    kind: str,
+    num: int,
+    n_img: int,
+    feat_hw: Tuple[int, int],
+    spatial_scale: float,
+    dtype=torch.float64,
+):
     """Random (num, 5) RoIs in input-image pixels for a feature map of size feat_hw.
 
     kind: "inside" (well inside the map), "partial" (crossing the border), "tiny" (< 1 feature pixel),
@@ -39,9 +48,17 @@ def make_rois(kind: str, num: int, n_img: int, feat_hw: Tuple[int, int], spatial
     size = torch.tensor([W, H], dtype=dtype)
     if kind == "mixed":
         kinds = ["inside", "partial", "tiny", "huge"]
-        parts = [make_rois(k, (num + i) // 4, n_img, feat_hw, spatial_scale, dtype) for i, k in enumerate(kinds)]
-        odd = torch.tensor([[0, 0.2 * W, 0.6 * H, 0.7 * W, 0.6 * H],  # zero height
-                            [n_img - 1, 0.3 * W, 0.2 * H, 0.3 * W, 0.8 * H]], dtype=dtype)  # zero width
+        parts = [
+            make_rois(k, (num + i) // 4, n_img, feat_hw, spatial_scale, dtype)
+            for i, k in enumerate(kinds)
+        ]
+        odd = torch.tensor(
+            [
+                [0, 0.2 * W, 0.6 * H, 0.7 * W, 0.6 * H],  # zero height
+                [n_img - 1, 0.3 * W, 0.2 * H, 0.3 * W, 0.8 * H],
+            ],
+            dtype=dtype,
+        )  # zero width
         odd[:, 1:] /= spatial_scale
         return torch.cat(parts + [odd], 0)
     if kind == "inside":
@@ -76,8 +93,10 @@ class Case(NamedTuple):
 
     @property
     def id(self):
-        return (f"n{self.n}-c{self.c}-hw{self.hw[0]}x{self.hw[1]}-P{self.output_size}-s{self.spatial_scale}"
-                f"-sr{self.sampling_ratio}-g{self.gamma}-{self.rois}{self.num_rois}").replace(" ", "")
+        return (
+            f"n{self.n}-c{self.c}-hw{self.hw[0]}x{self.hw[1]}-P{self.output_size}-s{self.spatial_scale}"
+            f"-sr{self.sampling_ratio}-g{self.gamma}-{self.rois}{self.num_rois}"
+        ).replace(" ", "")
 
 
 CASES = [
@@ -97,17 +116,29 @@ def make_inputs(case: Case, dtype=torch.float64, offset=True, requires_grad=True
     rois = make_rois(case.rois, case.num_rois, case.n, (H, W), case.spatial_scale, dtype)
     off = None
     if offset:
-        off = (2 * torch.rand(rois.shape[0], 2, Ph, Pw, dtype=dtype) - 1).requires_grad_(requires_grad)
+        off = (2 * torch.rand(rois.shape[0], 2, Ph, Pw, dtype=dtype) - 1).requires_grad_(
+            requires_grad
+        )
     return x, rois, off
 
 
 def run_op(case: Case, x, rois, off):
-    return deform_roi_pool(x, rois, off, case.output_size, case.spatial_scale, case.sampling_ratio, case.gamma)
+    return deform_roi_pool(
+        x, rois, off, case.output_size, case.spatial_scale, case.sampling_ratio, case.gamma
+    )
 
 
 def run_ref(case: Case, x, rois, off, offset_grad=OFFSET_GRAD):
-    return deform_roi_pool_ref(x, rois, off, case.output_size, case.spatial_scale, case.sampling_ratio,
-                               case.gamma, offset_grad)
+    return deform_roi_pool_ref(
+        x,
+        rois,
+        off,
+        case.output_size,
+        case.spatial_scale,
+        case.sampling_ratio,
+        case.gamma,
+        offset_grad,
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -129,8 +160,15 @@ def test_forward_backward_match_reference(case):
 def test_inverted_rois_match_reference(sampling_ratio):
     """x2 < x1 or y2 < y1: no minimum size (docs/semantics.md, "mdpool"); an adaptive grid has no samples (0)."""
     x = torch.randn(2, 2, 8, 9, dtype=torch.float64, requires_grad=True)
-    rois = torch.tensor([[0, 30.0, 4.0, 6.0, 20.0], [1, 5.0, 28.0, 25.0, 3.0], [1, 30.0, 27.0, 2.0, 3.0],
-                         [0, 10.0, 12.0, 10.5, 13.2]], dtype=torch.float64)  # the last is a normal tiny RoI
+    rois = torch.tensor(
+        [
+            [0, 30.0, 4.0, 6.0, 20.0],
+            [1, 5.0, 28.0, 25.0, 3.0],
+            [1, 30.0, 27.0, 2.0, 3.0],
+            [0, 10.0, 12.0, 10.5, 13.2],
+        ],
+        dtype=torch.float64,
+    )  # the last is a normal tiny RoI
     off = (torch.rand(4, 2, 3, 2, dtype=torch.float64) - 0.5).requires_grad_()
     out = deform_roi_pool(x, rois, off, (3, 2), 0.25, sampling_ratio, 0.1)
     expected = deform_roi_pool_ref(x, rois, off, (3, 2), 0.25, sampling_ratio, 0.1, OFFSET_GRAD)
@@ -138,8 +176,11 @@ def test_inverted_rois_match_reference(sampling_ratio):
     if sampling_ratio == 0:
         assert torch.count_nonzero(out[:3]) == 0
     g = torch.randn_like(out)
-    for name, a, b in zip(["input", "offset"], torch.autograd.grad(out, (x, off), g),
-                          torch.autograd.grad(expected, (x, off), g)):
+    for name, a, b in zip(
+        ["input", "offset"],
+        torch.autograd.grad(out, (x, off), g),
+        torch.autograd.grad(expected, (x, off), g),
+    ):
         assert_same(a, b, 1e-10, 1e-8, f"grad {name}")
 
 
@@ -166,8 +207,11 @@ def test_many_rois_two_threads_match_reference():
     expected = run_ref(case, x, rois, off)
     assert_same(out, expected, 1e-10, 1e-8, "output")
     g = torch.randn_like(expected)
-    for name, a, b in zip(["input", "offset"], torch.autograd.grad(out, (x, off), g),
-                          torch.autograd.grad(expected, (x, off), g)):
+    for name, a, b in zip(
+        ["input", "offset"],
+        torch.autograd.grad(out, (x, off), g),
+        torch.autograd.grad(expected, (x, off), g),
+    ):
         assert_same(a, b, 1e-10, 1e-8, f"grad {name}")
 
 
@@ -188,10 +232,18 @@ def test_zero_offset_equals_roi_align_aligned(sampling_ratio, use_none):
     if off is not None:
         off = torch.zeros_like(off)
     out = run_op(case, x, rois, off)
-    expected = roi_align(x, rois, case.output_size, case.spatial_scale, sampling_ratio, aligned=True)
+    expected = roi_align(
+        x, rois, case.output_size, case.spatial_scale, sampling_ratio, aligned=True
+    )
     assert_same(out, expected, 1e-12, 1e-10, "output")
     g = torch.randn_like(out)
-    assert_same(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(expected, x, g)[0], 1e-12, 1e-10, "grad input")
+    assert_same(
+        torch.autograd.grad(out, x, g)[0],
+        torch.autograd.grad(expected, x, g)[0],
+        1e-12,
+        1e-10,
+        "grad input",
+    )
 
 
 def test_constant_offset_shifts_the_roi():
@@ -240,7 +292,9 @@ def test_extreme_offsets_sample_zero(value):
 def test_int_and_pair_output_size_agree():
     case = CASES[0]
     x, rois, off = make_inputs(case, requires_grad=False)
-    assert_same(deform_roi_pool(x, rois, off, 7), deform_roi_pool(x, rois, off, (7, 7)), 0, 0, "output")
+    assert_same(
+        deform_roi_pool(x, rois, off, 7), deform_roi_pool(x, rois, off, (7, 7)), 0, 0, "output"
+    )
 
 
 def test_non_contiguous_inputs():
@@ -251,14 +305,24 @@ def test_non_contiguous_inputs():
     off_nc = off.transpose(2, 3).contiguous().transpose(2, 3)
     for t in (x_nc, rois_nc, off_nc):
         assert not t.is_contiguous()
-    x.requires_grad_(True), off.requires_grad_(True), x_nc.requires_grad_(True), off_nc.requires_grad_(True)
+    (
+        x.requires_grad_(True),
+        off.requires_grad_(True),
+        x_nc.requires_grad_(True),
+        off_nc.requires_grad_(True),
+    )
     out = run_op(case, x, rois, off)
     out_nc = run_op(case, x_nc, rois_nc, off_nc)
     assert_same(out_nc, out, 1e-12, 1e-12, "output")
     g = torch.randn_like(out)
-    g_nc = g.transpose(2, 3).contiguous().transpose(2, 3) if g.shape[2] > 1 and g.shape[3] > 1 else g
-    for name, a, b in zip(["input", "offset"], torch.autograd.grad(out_nc, (x_nc, off_nc), g_nc),
-                          torch.autograd.grad(out, (x, off), g)):
+    g_nc = (
+        g.transpose(2, 3).contiguous().transpose(2, 3) if g.shape[2] > 1 and g.shape[3] > 1 else g
+    )
+    for name, a, b in zip(
+        ["input", "offset"],
+        torch.autograd.grad(out_nc, (x_nc, off_nc), g_nc),
+        torch.autograd.grad(out, (x, off), g),
+    ):
         assert_same(a, b, 1e-12, 1e-12, f"grad {name}")
 
 
@@ -285,8 +349,10 @@ def test_empty_batch_and_zero_rois():
 def _interior_case():
     """RoIs whose samples all stay in (0, H-1) x (0, W-1): every offset-gradient convention agrees."""
     x = torch.randn(2, 2, 9, 10, dtype=torch.float64, requires_grad=True)
-    rois = torch.tensor([[0, 8.3, 8.1, 22.9, 24.2], [1, 12.7, 6.4, 27.1, 21.9], [0, 9.9, 10.2, 11.3, 11.0]],
-                        dtype=torch.float64)  # spatial_scale 0.25 -> roughly [1.6, 6.5] in feature pixels
+    rois = torch.tensor(
+        [[0, 8.3, 8.1, 22.9, 24.2], [1, 12.7, 6.4, 27.1, 21.9], [0, 9.9, 10.2, 11.3, 11.0]],
+        dtype=torch.float64,
+    )  # spatial_scale 0.25 -> roughly [1.6, 6.5] in feature pixels
     off = ((torch.rand(3, 2, 2, 3, dtype=torch.float64) - 0.5) * 0.4).requires_grad_()
     return x, rois, off
 
@@ -317,7 +383,9 @@ def test_gradcheck_float64(sampling_ratio):
 def test_gradcheck_float64_border_rois():
     """RoIs crossing the border: the offset gradient must be the derivative of the forward."""
     x = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
-    rois = torch.tensor([[0, -9.0, -7.0, 13.0, 10.0], [0, 15.0, 12.0, 40.0, 33.0]], dtype=torch.float64)
+    rois = torch.tensor(
+        [[0, -9.0, -7.0, 13.0, 10.0], [0, 15.0, 12.0, 40.0, 33.0]], dtype=torch.float64
+    )
     off = ((torch.rand(2, 2, 2, 2, dtype=torch.float64) - 0.5) * 0.6).requires_grad_()
 
     def f(inp, o):
@@ -331,7 +399,16 @@ def test_opcheck(with_offset):
     case = CASES[4]
     x, rois, off = make_inputs(case, dtype=torch.float32)
     Ph, Pw = pair(case.output_size)
-    args = (x, rois, off if with_offset else None, Ph, Pw, case.spatial_scale, case.sampling_ratio, case.gamma)
+    args = (
+        x,
+        rois,
+        off if with_offset else None,
+        Ph,
+        Pw,
+        case.spatial_scale,
+        case.sampling_ratio,
+        case.gamma,
+    )
     torch.library.opcheck(torch.ops.dcnv2.deform_roi_pool.default, args)
 
 
@@ -347,22 +424,34 @@ def test_module_matches_functional():
 
 
 def test_deform_pack_keys_and_zero_init():
-    pack = DeformRoIPoolPack(output_size=3, output_channels=4, deform_fc_channels=16, spatial_scale=0.5)
+    pack = DeformRoIPoolPack(
+        output_size=3, output_channels=4, deform_fc_channels=16, spatial_scale=0.5
+    )
     sd = pack.state_dict()
     assert set(sd) == {f"offset_fc.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
     assert sd["offset_fc.0.weight"].shape == (16, 3 * 3 * 4)
     assert sd["offset_fc.2.weight"].shape == (16, 16)
     assert sd["offset_fc.4.weight"].shape == (3 * 3 * 2, 16)
     assert isinstance(pack.offset_fc[1], nn.ReLU) and isinstance(pack.offset_fc[3], nn.ReLU)
-    assert torch.count_nonzero(sd["offset_fc.4.weight"]) == 0 and torch.count_nonzero(sd["offset_fc.4.bias"]) == 0
+    assert (
+        torch.count_nonzero(sd["offset_fc.4.weight"]) == 0
+        and torch.count_nonzero(sd["offset_fc.4.bias"]) == 0
+    )
     x = torch.randn(2, 4, 8, 9)
     rois = make_rois("mixed", 8, 2, (8, 9), 0.5, torch.float32)
-    assert_same(pack(x, rois), roi_align(x, rois, 3, 0.5, 0, aligned=True), 1e-5, 1e-5, "output at init")
+    assert_same(
+        pack(x, rois), roi_align(x, rois, 3, 0.5, 0, aligned=True), 1e-5, 1e-5, "output at init"
+    )
 
 
 def test_modulated_pack_keys_and_zero_init():
-    pack = ModulatedDeformRoIPoolPack(output_size=(3, 3), output_channels=4, deform_fc_channels=16,
-                                      spatial_scale=0.5, sampling_ratio=2)
+    pack = ModulatedDeformRoIPoolPack(
+        output_size=(3, 3),
+        output_channels=4,
+        deform_fc_channels=16,
+        spatial_scale=0.5,
+        sampling_ratio=2,
+    )
     sd = pack.state_dict()
     expected_keys = {f"offset_fc.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
     expected_keys |= {f"mask_fc.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
@@ -374,7 +463,13 @@ def test_modulated_pack_keys_and_zero_init():
         assert torch.count_nonzero(sd[k]) == 0, k
     x = torch.randn(2, 4, 8, 9)
     rois = make_rois("mixed", 8, 2, (8, 9), 0.5, torch.float32)
-    assert_same(pack(x, rois), 0.5 * roi_align(x, rois, 3, 0.5, 2, aligned=True), 1e-5, 1e-5, "output at init")
+    assert_same(
+        pack(x, rois),
+        0.5 * roi_align(x, rois, 3, 0.5, 2, aligned=True),
+        1e-5,
+        1e-5,
+        "output at init",
+    )
 
 
 def _randomise(module, std=0.05):
@@ -394,12 +489,20 @@ def _two_pass_reference(pack, x, rois, P, scale, sr, gamma, modulated):
     return out
 
 
-@pytest.mark.parametrize("modulated", [False, True], ids=["DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"])
+@pytest.mark.parametrize(
+    "modulated", [False, True], ids=["DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"]
+)
 def test_pack_forward_two_pass(modulated):
     cls = ModulatedDeformRoIPoolPack if modulated else DeformRoIPoolPack
     P, scale, sr, gamma = (3, 2), 0.25, 0, 0.3
-    pack = cls(output_size=P, output_channels=3, deform_fc_channels=8, spatial_scale=scale, sampling_ratio=sr,
-               gamma=gamma).double()
+    pack = cls(
+        output_size=P,
+        output_channels=3,
+        deform_fc_channels=8,
+        spatial_scale=scale,
+        sampling_ratio=sr,
+        gamma=gamma,
+    ).double()
     _randomise(pack, 0.3)
     x = torch.randn(2, 3, 9, 8, dtype=torch.float64, requires_grad=True)
     rois = make_rois("inside", 5, 2, (9, 8), scale)
@@ -409,13 +512,17 @@ def test_pack_forward_two_pass(modulated):
     g = torch.randn_like(out)
     params = [x] + list(pack.parameters())
     names = ["input"] + [n for n, _ in pack.named_parameters()]
-    for name, a, b in zip(names, torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)):
+    for name, a, b in zip(
+        names, torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)
+    ):
         assert_same(a, b, 1e-9, 1e-7, f"grad {name}")
 
 
 def test_compile_fullgraph_modulated_pack_matches_eager():
     torch._dynamo.reset()
-    pack = ModulatedDeformRoIPoolPack(output_size=3, output_channels=4, deform_fc_channels=8, spatial_scale=0.5)
+    pack = ModulatedDeformRoIPoolPack(
+        output_size=3, output_channels=4, deform_fc_channels=8, spatial_scale=0.5
+    )
     _randomise(pack, 0.2)
     x = torch.randn(2, 4, 8, 9, requires_grad=True)
     rois = make_rois("mixed", 8, 2, (8, 9), 0.5, torch.float32)

@@ -1,5 +1,6 @@
 """Determinism: CPU gradients are deterministic (and allowed under use_deterministic_algorithms);
 CUDA backward passes, which accumulate input gradients with atomics, raise PyTorch's standard error."""
+
 import pytest
 import torch
 
@@ -12,14 +13,18 @@ def _conv_grads(device):
     offset = (torch.randn(2, 18 * 2, 9, 9, generator=g) * 2).to(device).requires_grad_()
     mask = torch.rand(2, 9 * 2, 9, 9, generator=g).to(device).requires_grad_()
     w = torch.randn(4, 8, 3, 3, generator=g).to(device).requires_grad_()
-    modulated_deform_conv2d(x, offset, mask, w, padding=1, deformable_groups=2).square().sum().backward()
+    modulated_deform_conv2d(
+        x, offset, mask, w, padding=1, deformable_groups=2
+    ).square().sum().backward()
     return [t.grad.clone() for t in (x, offset, mask, w)]
 
 
 def _pool_grads(device):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 12, 12, generator=g).to(device).requires_grad_()
-    rois = torch.tensor([[0, 1.0, 1.0, 9.0, 9.0], [1, 0.0, 2.0, 7.0, 11.0], [0, 2.0, 2.0, 6.0, 6.0]]).to(device)
+    rois = torch.tensor(
+        [[0, 1.0, 1.0, 9.0, 9.0], [1, 0.0, 2.0, 7.0, 11.0], [0, 2.0, 2.0, 6.0, 6.0]]
+    ).to(device)
     offset = (torch.randn(3, 2, 3, 3, generator=g) * 0.2).to(device).requires_grad_()
     deform_roi_pool(x, rois, offset, 3, sampling_ratio=2).square().sum().backward()
     return [x.grad.clone(), offset.grad.clone()]
@@ -41,7 +46,9 @@ def test_cpu_backward_is_deterministic(grads, deterministic):
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: CUDA determinism test skipped")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA not available: CUDA determinism test skipped"
+)
 @pytest.mark.parametrize("grads", [_conv_grads, _pool_grads], ids=["mdconv", "deform_roi_pool"])
 def test_cuda_backward_raises_under_deterministic_mode(grads, deterministic):
     with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):

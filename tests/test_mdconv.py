@@ -3,6 +3,7 @@
 Offsets are random and non-integer, so no sample lands exactly on y = -1 or x = -1, the only place
 where torchvision's offset gradient differs from MMCV's (docs/semantics.md, "Where we differ from MMCV").
 """
+
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from projects_dcnv2.layers import (
     modulated_deform_conv2d,
     upgrade_legacy_offset_keys,
 )
+
 from reference_ops import assert_same, conv_out_size, mdconv2d_ref, pair
 
 pytestmark = pytest.mark.usefixtures("op_test_env")  # seed, one thread (conftest.py)
@@ -97,19 +99,33 @@ def conv_kwargs(case: Case):
 
 def run_op(t, case: Case):
     return modulated_deform_conv2d(
-        t["input"], t["offset"], t["mask"], t["weight"], t["bias"],
-        groups=case.groups, deformable_groups=case.dg, **conv_kwargs(case),
+        t["input"],
+        t["offset"],
+        t["mask"],
+        t["weight"],
+        t["bias"],
+        groups=case.groups,
+        deformable_groups=case.dg,
+        **conv_kwargs(case),
     )
 
 
 def run_tv(t, case: Case):
-    return tv_deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], **conv_kwargs(case))
+    return tv_deform_conv2d(
+        t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], **conv_kwargs(case)
+    )
 
 
 def run_ref(t, case: Case):
     return mdconv2d_ref(
-        t["input"], t["offset"], t["mask"], t["weight"], t["bias"],
-        groups=case.groups, deformable_groups=case.dg, **conv_kwargs(case),
+        t["input"],
+        t["offset"],
+        t["mask"],
+        t["weight"],
+        t["bias"],
+        groups=case.groups,
+        deformable_groups=case.dg,
+        **conv_kwargs(case),
     )
 
 
@@ -179,7 +195,13 @@ def test_mask_none_means_ones():
     case = CASES[1]
     t = make_inputs(case, requires_grad=False)
     out_none = modulated_deform_conv2d(
-        t["input"], t["offset"], None, t["weight"], t["bias"], groups=case.groups, deformable_groups=case.dg,
+        t["input"],
+        t["offset"],
+        None,
+        t["weight"],
+        t["bias"],
+        groups=case.groups,
+        deformable_groups=case.dg,
         **conv_kwargs(case),
     )
     t["mask"] = torch.ones_like(t["mask"])
@@ -206,7 +228,9 @@ def test_int_and_pair_arguments_agree():
     case = CASES[0]
     t = make_inputs(case, requires_grad=False)
     a = modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], t["bias"], 1, 1, 1)
-    b = modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], t["bias"], (1, 1), (1, 1), (1, 1))
+    b = modulated_deform_conv2d(
+        t["input"], t["offset"], t["mask"], t["weight"], t["bias"], (1, 1), (1, 1), (1, 1)
+    )
     assert_same(a, b, 0, 0, "output")
 
 
@@ -229,7 +253,9 @@ def test_non_contiguous_inputs():
     out_c = run_op(t, case)
     out_nc = run_op(nc, case)
     assert_same(out_nc, out_c, 1e-12, 1e-12, "output")
-    grad_out = torch.randn_like(out_c).transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous too
+    grad_out = (
+        torch.randn_like(out_c).transpose(2, 3).contiguous().transpose(2, 3)
+    )  # non-contiguous too
     g_c = grads(out_c, t, grad_out.contiguous())
     g_nc = grads(out_nc, nc, grad_out)
     for k in g_c:
@@ -268,8 +294,11 @@ def test_batch_zero():
         assert torch.count_nonzero(g[k]) == 0, k
 
 
-@pytest.mark.parametrize("images_per_block", [None, 1, 5, 7 / 30, 1 / 30], ids=["default", "block1", "block5",
-                                                                           "tile7", "tile1"])
+@pytest.mark.parametrize(
+    "images_per_block",
+    [None, 1, 5, 7 / 30, 1 / 30],
+    ids=["default", "block1", "block5", "tile7", "tile1"],
+)
 def test_large_batch_matches_torchvision(images_per_block, monkeypatch):
     """33 images, run with 2 threads; the column buffer bound (DCNV2_MAX_COLUMN_ELEMENTS, read per
     call) forces blocks of 1 or 5 images (6 full blocks + a remainder of 3), or tiles of 7 output
@@ -287,7 +316,9 @@ def test_gradcheck_float64():
     t = make_inputs(case)
 
     def f(x, o, m, w, b):
-        return modulated_deform_conv2d(x, o, m, w, b, case.stride, case.padding, case.dilation, case.groups, case.dg)
+        return modulated_deform_conv2d(
+            x, o, m, w, b, case.stride, case.padding, case.dilation, case.groups, case.dg
+        )
 
     assert torch.autograd.gradcheck(f, (t["input"], t["offset"], t["mask"], t["weight"], t["bias"]))
 
@@ -314,7 +345,9 @@ def test_opcheck(bias):
 # Modules
 # ------------------------------------------------------------------------------------------------
 def test_module_matches_functional():
-    m = ModulatedDeformConv2d(6, 4, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2), groups=2, deformable_groups=3)
+    m = ModulatedDeformConv2d(
+        6, 4, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2), groups=2, deformable_groups=3
+    )
     assert m.weight.shape == (4, 3, 3, 2)
     assert m.bias.shape == (4,)
     assert ModulatedDeformConv2d(6, 4, 3, bias=False).bias is None
@@ -329,15 +362,24 @@ def test_module_matches_functional():
 
 def _pack_reference(pack, x, dg, K):
     """What the Pack must compute, spelled out (docs/semantics.md, "The Pack")."""
-    out = F.conv2d(x, pack.conv_offset.weight, pack.conv_offset.bias, pack.conv_offset.stride,
-                   pack.conv_offset.padding, pack.conv_offset.dilation)
-    offset, mask = out[:, : 2 * dg * K], torch.sigmoid(out[:, 2 * dg * K:])
-    return tv_deform_conv2d(x, offset, pack.weight, pack.bias, pack.stride, pack.padding, pack.dilation, mask=mask)
+    out = F.conv2d(
+        x,
+        pack.conv_offset.weight,
+        pack.conv_offset.bias,
+        pack.conv_offset.stride,
+        pack.conv_offset.padding,
+        pack.conv_offset.dilation,
+    )
+    offset, mask = out[:, : 2 * dg * K], torch.sigmoid(out[:, 2 * dg * K :])
+    return tv_deform_conv2d(
+        x, offset, pack.weight, pack.bias, pack.stride, pack.padding, pack.dilation, mask=mask
+    )
 
 
 def test_pack_structure_and_zero_init():
-    pack = ModulatedDeformConv2dPack(6, 4, (3, 2), stride=2, padding=(1, 0), dilation=(1, 2), groups=2,
-                                     deformable_groups=3)
+    pack = ModulatedDeformConv2dPack(
+        6, 4, (3, 2), stride=2, padding=(1, 0), dilation=(1, 2), groups=2, deformable_groups=3
+    )
     co = pack.conv_offset
     assert isinstance(co, nn.Conv2d)
     assert co.weight.shape == (3 * 3 * 6, 6, 3, 2)
@@ -350,8 +392,9 @@ def test_pack_structure_and_zero_init():
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_pack_at_init_is_half_conv(bias):
-    pack = ModulatedDeformConv2dPack(4, 6, 3, stride=(2, 1), padding=1, dilation=1, groups=2, deformable_groups=2,
-                                     bias=bias).double()
+    pack = ModulatedDeformConv2dPack(
+        4, 6, 3, stride=(2, 1), padding=1, dilation=1, groups=2, deformable_groups=2, bias=bias
+    ).double()
     x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
     expected = 0.5 * F.conv2d(x, pack.weight, None, (2, 1), 1, 1, 2)
     if bias:
@@ -361,7 +404,9 @@ def test_pack_at_init_is_half_conv(bias):
 
 def test_pack_forward_splits_offset_and_mask():
     torch.manual_seed(1)
-    pack = ModulatedDeformConv2dPack(4, 4, (3, 2), stride=1, padding=1, deformable_groups=2).double()
+    pack = ModulatedDeformConv2dPack(
+        4, 4, (3, 2), stride=1, padding=1, deformable_groups=2
+    ).double()
     with torch.no_grad():
         pack.conv_offset.weight.normal_(0, 0.5)
         pack.conv_offset.bias.normal_(0, 0.5)
@@ -371,8 +416,11 @@ def test_pack_forward_splits_offset_and_mask():
     assert_same(out, expected, 1e-10, 1e-8, "output")
     g_out = torch.randn_like(out)
     params = [x, pack.weight, pack.bias, pack.conv_offset.weight, pack.conv_offset.bias]
-    for name, a, b in zip(["x", "weight", "bias", "conv_offset.weight", "conv_offset.bias"],
-                          torch.autograd.grad(out, params, g_out), torch.autograd.grad(expected, params, g_out)):
+    for name, a, b in zip(
+        ["x", "weight", "bias", "conv_offset.weight", "conv_offset.bias"],
+        torch.autograd.grad(out, params, g_out),
+        torch.autograd.grad(expected, params, g_out),
+    ):
         assert_same(a, b, 1e-9, 1e-7, f"grad {name}")
 
 
@@ -419,7 +467,11 @@ def test_pack_loads_legacy_sibling_offset_keys(nested):
     sd = _legacy_state_dict(prefix)
     expected = dict(sd)
     upgrade_legacy_offset_keys(root, sd)
-    assert set(sd) == {f"{prefix}conv2.weight", f"{prefix}conv2.conv_offset.weight", f"{prefix}conv2.conv_offset.bias"}
+    assert set(sd) == {
+        f"{prefix}conv2.weight",
+        f"{prefix}conv2.conv_offset.weight",
+        f"{prefix}conv2.conv_offset.bias",
+    }
     result = root.load_state_dict(sd)  # strict
     assert not result.missing_keys and not result.unexpected_keys
     assert torch.equal(parent.conv2.weight, expected[f"{prefix}conv2.weight"])
@@ -430,7 +482,9 @@ def test_pack_loads_legacy_sibling_offset_keys(nested):
 def test_upgrade_legacy_offset_keys_leaves_current_keys_alone():
     parent = _Parent()
     sd = {k: v.clone() for k, v in parent.state_dict().items()}
-    sd["conv2_offset.weight"] = torch.ones(2 * 3 * 9, 4, 3, 3)  # stale legacy copy next to the current key
+    sd["conv2_offset.weight"] = torch.ones(
+        2 * 3 * 9, 4, 3, 3
+    )  # stale legacy copy next to the current key
     upgrade_legacy_offset_keys(parent, sd)
     assert torch.equal(sd["conv2.conv_offset.weight"], parent.conv2.conv_offset.weight)
 
@@ -441,7 +495,9 @@ def test_upgrade_legacy_offset_keys_leaves_current_keys_alone():
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.dcn = ModulatedDeformConv2dPack(4, 6, (3, 2), stride=(2, 1), padding=1, deformable_groups=2)
+        self.dcn = ModulatedDeformConv2dPack(
+            4, 6, (3, 2), stride=(2, 1), padding=1, deformable_groups=2
+        )
         with torch.no_grad():
             self.dcn.conv_offset.weight.normal_(0, 0.3)
             self.dcn.conv_offset.bias.normal_(0, 0.3)
@@ -484,7 +540,9 @@ def test_avx2_cpu_loops_chosen_where_the_cpu_has_avx2():
     (a build that dropped modulated_deform_conv2d_kernel_avx2.cpp would still pass every value test)."""
     flags = _cpu_flags()
     if not {"avx2", "fma"} <= flags:
-        pytest.skip("no /proc/cpuinfo with avx2 and fma here: the portable loops are the right choice")
+        pytest.skip(
+            "no /proc/cpuinfo with avx2 and fma here: the portable loops are the right choice"
+        )
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         pytest.skip("ATEN_CPU_CAPABILITY=default selects the portable loops")
     assert torch.ops.dcnv2._cpu_kernels() == "avx2"
@@ -495,19 +553,38 @@ def test_portable_cpu_loops_pass_the_op_tests():
     the AVX2 instance; so the op tests run again in a process whose PyTorch CPU capability is DEFAULT,
     which selects the portable loops."""
     if torch.ops.dcnv2._cpu_kernels() != "avx2":
-        pytest.skip("this process already runs the portable CPU loops: no AVX2 instance in use here")
+        pytest.skip(
+            "this process already runs the portable CPU loops: no AVX2 instance in use here"
+        )
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     probe = "import torch, projects_dcnv2.layers; print(torch.ops.dcnv2._cpu_kernels())"
-    chosen = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    chosen = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
     assert chosen.stdout.strip() == "generic"
-    files = [os.path.join(tests, f) for f in ("test_mdconv.py", "test_nonfinite.py", "test_determinism.py")]
+    files = [
+        os.path.join(tests, f)
+        for f in ("test_mdconv.py", "test_nonfinite.py", "test_determinism.py")
+    ]
     # torch.compile's inductor cannot build its own C++ under ATEN_CPU_CAPABILITY=default; the compile
     # tests check the op's registration, which does not depend on the loops
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
-         "-k", "not compile and not portable_cpu_loops"],
-        env=env, cwd=os.path.dirname(tests), capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *files,
+            "-k",
+            "not compile and not portable_cpu_loops",
+        ],
+        env=env,
+        cwd=os.path.dirname(tests),
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout

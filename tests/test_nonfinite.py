@@ -1,4 +1,5 @@
 """Non-finite inputs: NaN propagates (never silently becomes zero), infinite offsets sample outside."""
+
 import torch
 
 from projects_dcnv2.layers import deform_roi_pool, modulated_deform_conv2d

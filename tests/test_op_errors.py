@@ -381,7 +381,15 @@ def test_pool_huge_roi_with_adaptive_grid_is_an_error():
     """sampling_ratio=0 samples ceil(RoI size / output size) per bin side: a RoI 3e4 pixels wide would run for
     minutes per bin (and past 2^31 pixels overflow the grid size): an error naming the argument and the way out."""
     x, huge = torch.randn(1, 1, 4, 4), torch.tensor([[0.0, 0, 0, 3e4, 3e4]])
-    with pytest.raises(RuntimeError, match=r"rois: expected RoIs whose adaptive sampling grid .* got one with 9e\+08"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"rois: expected RoIs whose adaptive sampling grid .* got one with 9e\+08",
+    ):
         deform_roi_pool(x, huge, None, 1, 1.0, 0)
     assert deform_roi_pool(x, huge, None, 1, 1.0, 2).shape == (1, 1, 1, 1)  # a fixed grid is fine
-    assert deform_roi_pool(x, huge / 30, None, 7, 1.0, 0).shape == (1, 1, 7, 7)  # 143 x 143 samples per bin
+    assert deform_roi_pool(x, huge / 30, None, 7, 1.0, 0).shape == (
+        1,
+        1,
+        7,
+        7,
+    )  # 143 x 143 samples per bin

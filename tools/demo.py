@@ -13,6 +13,7 @@ Each result is written as ``<output>/<prefix><image stem>.png``. Runs on the con
 Weights load through ``DCNv2Checkpointer``, so MMDetection and torchvision checkpoints work too.
 Needs OpenCV (``pip install opencv-python-headless``), which Detectron2's ``Visualizer`` imports.
 """
+
 import argparse
 import glob
 import os
@@ -62,15 +63,27 @@ def draw(image_rgb, instances, metadata, scale):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="image files, folders or glob patterns"
+    )
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--prefix", default="", help="prefix of the output file names")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5,
-                        help="minimum score of the drawn detections")
-    parser.add_argument("--display-size", type=int, default=512,
-                        help="upscale images whose longer side is smaller to about this size (0: never)")
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="minimum score of the drawn detections",
+    )
+    parser.add_argument(
+        "--display-size",
+        type=int,
+        default=512,
+        help="upscale images whose longer side is smaller to about this size (0: never)",
+    )
     parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     return parser
 

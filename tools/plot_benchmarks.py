@@ -4,6 +4,7 @@ torchvision's deform_conv2d, forward and forward+backward, per shape.
 
     python tools/plot_benchmarks.py docs/benchmarks_cpu.json docs/benchmarks_cpu.png
 """
+
 import argparse
 import json
 
@@ -14,7 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("json_file")
     parser.add_argument("png_file")
     args = parser.parse_args()
@@ -35,7 +38,9 @@ def main():
         ax.set_title(title)
         ax.set_ylabel("time / F.conv2d time")
         ax.legend()
-    fig.suptitle(f"mdconv vs F.conv2d, ResNet-50 stages of an 800x1216 image, {result['machine']} ({result['dtype']})")
+    fig.suptitle(
+        f"mdconv vs F.conv2d, ResNet-50 stages of an 800x1216 image, {result['machine']} ({result['dtype']})"
+    )
     fig.tight_layout()
     fig.savefig(args.png_file, dpi=90)
 

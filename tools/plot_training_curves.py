@@ -10,6 +10,7 @@ One panel per ``--keys`` entry (default: total_loss and the box / mask losses), 
 run; a run's final ``bbox/AP`` / ``segm/AP`` (written after the last evaluation) is added to
 its legend label. Keys that a run does not log (loss_mask of Faster R-CNN) are skipped.
 """
+
 import argparse
 import json
 import math
@@ -51,19 +52,25 @@ def plot(runs, labels, keys, output, title=None):
         raise SystemExit("none of the requested keys is logged by these runs")
     columns = min(len(keys), 2)
     rows = math.ceil(len(keys) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.0 * columns, 3.2 * rows), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(5.0 * columns, 3.2 * rows), squeeze=False, layout="constrained"
+    )
     for ax, key in zip(axes.flat, keys):
         for (records, final_ap), label in zip(loaded, labels):
             points = [(r["iteration"] + 1, r[key]) for r in records if key in r]
             if not points:
                 continue
             scores = ", ".join(f"{_TASK_NAMES[task]} AP {ap:.1f}" for task, ap in final_ap.items())
-            ax.plot(*zip(*points), marker="o", markersize=3, label=f"{label} ({scores})" if scores else label)
+            ax.plot(
+                *zip(*points),
+                marker="o",
+                markersize=3,
+                label=f"{label} ({scores})" if scores else label,
+            )
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=8)
     if title:
@@ -74,15 +81,21 @@ def plot(runs, labels, keys, output, title=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", help="OUTPUT_DIRs or metrics.json files")
-    parser.add_argument("--labels", nargs="+", help="one legend label per run (default: folder names)")
+    parser.add_argument(
+        "--labels", nargs="+", help="one legend label per run (default: folder names)"
+    )
     parser.add_argument("--keys", nargs="+", default=list(DEFAULT_KEYS), help="metrics to plot")
     parser.add_argument("--title", default=None)
     parser.add_argument("--output", required=True, help="PNG file to write")
     args = parser.parse_args(argv)
-    labels = args.labels or [os.path.basename(os.path.normpath(r if os.path.isdir(r) else os.path.dirname(r)))
-                             for r in args.runs]
+    labels = args.labels or [
+        os.path.basename(os.path.normpath(r if os.path.isdir(r) else os.path.dirname(r)))
+        for r in args.runs
+    ]
     if len(labels) != len(args.runs):
         parser.error(f"--labels: expected {len(args.runs)} labels, got {len(labels)}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

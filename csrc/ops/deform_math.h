@@ -57,7 +57,7 @@ struct Corners {
   template <typename V>
   DCN_HOST_DEVICE T value(const V* plane) const {
     return w[0] * static_cast<T>(plane[idx[0]]) + w[1] * static_cast<T>(plane[idx[1]]) +
-        w[2] * static_cast<T>(plane[idx[2]]) + w[3] * static_cast<T>(plane[idx[3]]);
+           w[2] * static_cast<T>(plane[idx[2]]) + w[3] * static_cast<T>(plane[idx[3]]);
   }
 };
 
@@ -88,8 +88,8 @@ DCN_HOST_DEVICE bool set_outside(T y, T x, Corners<T>& c) {
 // dy_scale / dx_scale are 0 where the coordinate does not influence the value (clamped borders), and
 // every weight is 0 unless `inside`. Branch-free, so that a CPU loop over positions vectorises it.
 template <typename T>
-DCN_HOST_DEVICE void set_cell(Corners<T>& c, bool inside, int y0, int x0, int y1, int x1, T ly, T lx, int H,
-                              int W, T dy_scale, T dx_scale) {
+DCN_HOST_DEVICE void set_cell(Corners<T>& c, bool inside, int y0, int x0, int y1, int x1, T ly, T lx, int H, int W,
+                              T dy_scale, T dx_scale) {
   const T hy = T(1) - ly, hx = T(1) - lx;
   const int ys[4] = {y0, y0, y1, y1};
   const int xs[4] = {x0, x1, x0, x1};
@@ -99,7 +99,7 @@ DCN_HOST_DEVICE void set_cell(Corners<T>& c, bool inside, int y0, int x0, int y1
   for (int n = 0; n < 4; ++n) {
     // 0 <= ys[n] < H and 0 <= xs[n] < W, as unsigned comparisons
     const bool valid = inside & (static_cast<unsigned>(ys[n]) < static_cast<unsigned>(H)) &
-        (static_cast<unsigned>(xs[n]) < static_cast<unsigned>(W));
+                       (static_cast<unsigned>(xs[n]) < static_cast<unsigned>(W));
     c.idx[n] = valid ? ys[n] * W + xs[n] : 0;
     c.w[n] = valid ? w[n] : T(0);
     c.wy[n] = valid ? wy[n] * dy_scale : T(0);
@@ -117,8 +117,7 @@ DCN_HOST_DEVICE bool dcn_sample(T y, T x, int H, int W, Corners<T>& c) {
   const bool inside = (y > T(-1)) & (y < static_cast<T>(H)) & (x > T(-1)) & (x < static_cast<T>(W));
   const T yc = inside ? y : T(0), xc = inside ? x : T(0);  // keeps the integer conversion defined
   const int y0 = floor_to_int(yc), x0 = floor_to_int(xc);
-  set_cell(c, inside, y0, x0, y0 + 1, x0 + 1, yc - static_cast<T>(y0), xc - static_cast<T>(x0), H, W, T(1),
-           T(1));
+  set_cell(c, inside, y0, x0, y0 + 1, x0 + 1, yc - static_cast<T>(y0), xc - static_cast<T>(x0), H, W, T(1), T(1));
   const bool nan = (y != y) | (x != x);
   const T poison = y + x;
   for (int n = 0; n < 4; ++n) {

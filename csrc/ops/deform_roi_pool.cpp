@@ -42,8 +42,8 @@ RoiPoolGeometry make_geometry(const at::Tensor& input, const at::Tensor& rois, c
   if (offset.has_value()) {
     check_same(*offset, "offset", input);
     const std::vector<int64_t> shape{num_rois, 2, pooled_h, pooled_w};
-    TORCH_CHECK(offset->sizes() == at::IntArrayRef(shape), kOp, "offset: expected shape (K, 2, out_h, out_w) = ",
-                at::IntArrayRef(shape), ", got ", offset->sizes());
+    TORCH_CHECK(offset->sizes() == at::IntArrayRef(shape), kOp,
+                "offset: expected shape (K, 2, out_h, out_w) = ", at::IntArrayRef(shape), ", got ", offset->sizes());
   }
   if (num_rois > 0) {
     // Checked here (one device sync on CUDA) so that a bad RoI is an error, never an out-of-bounds read.
@@ -55,8 +55,10 @@ RoiPoolGeometry make_geometry(const at::Tensor& input, const at::Tensor& rois, c
     if (sampling_ratio <= 0) {
       // The adaptive grid has ceil(RoI size / output size) samples per bin side: a huge RoI would take
       // hours (and past 2^31 pixels overflow the grid size), so it is an error instead.
-      const at::Tensor size = (rois.narrow(1, 3, 2) - rois.narrow(1, 1, 2)).to(at::kDouble).clamp_min(0) * spatial_scale;
-      const at::Tensor samples = (size.select(1, 0) / double(pooled_w)).ceil() * (size.select(1, 1) / double(pooled_h)).ceil();
+      const at::Tensor size =
+          (rois.narrow(1, 3, 2) - rois.narrow(1, 1, 2)).to(at::kDouble).clamp_min(0) * spatial_scale;
+      const at::Tensor samples =
+          (size.select(1, 0) / double(pooled_w)).ceil() * (size.select(1, 1) / double(pooled_h)).ceil();
       const double most = samples.max().item<double>();
       TORCH_CHECK(most <= double(kMaxAdaptiveSamples), kOp, "rois: expected RoIs whose adaptive sampling grid ",
                   "(sampling_ratio=0) has at most ", kMaxAdaptiveSamples, " samples per bin, got one with ", most,
@@ -97,8 +99,8 @@ at::Tensor deform_roi_pool_forward(const RoiPoolPrimitives& prim, const at::Tens
 std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward(const RoiPoolPrimitives& prim,
                                                             const at::Tensor& grad_output_, const at::Tensor& input_,
                                                             const at::Tensor& rois_,
-                                                            const std::optional<at::Tensor>& offset_,
-                                                            int64_t pooled_h, int64_t pooled_w, double spatial_scale,
+                                                            const std::optional<at::Tensor>& offset_, int64_t pooled_h,
+                                                            int64_t pooled_w, double spatial_scale,
                                                             int64_t sampling_ratio, double gamma) {
   const RoiPoolGeometry g =
       make_geometry(input_, rois_, offset_, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma);

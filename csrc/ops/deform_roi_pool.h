@@ -25,12 +25,11 @@ constexpr const char* kRoiPoolBackwardSignature =
 
 struct RoiPoolPrimitives {
   // output (K, C, PH, PW) <- bin averages; offset is undefined when there is none
-  void (*forward)(const at::Tensor& input, const at::Tensor& rois, const at::Tensor& offset,
-                  const RoiPoolGeometry& g, at::Tensor& output);
+  void (*forward)(const at::Tensor& input, const at::Tensor& rois, const at::Tensor& offset, const RoiPoolGeometry& g,
+                  at::Tensor& output);
   // grad_input (float32 or float64) += ...; grad_offset (dtype of offset) <- ... when offset is defined
   void (*backward)(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& rois,
-                   const at::Tensor& offset, const RoiPoolGeometry& g, at::Tensor& grad_input,
-                   at::Tensor& grad_offset);
+                   const at::Tensor& offset, const RoiPoolGeometry& g, at::Tensor& grad_input, at::Tensor& grad_offset);
 };
 
 at::Tensor deform_roi_pool_forward(const RoiPoolPrimitives& prim, const at::Tensor& input, const at::Tensor& rois,
@@ -41,8 +40,8 @@ at::Tensor deform_roi_pool_forward(const RoiPoolPrimitives& prim, const at::Tens
 std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward(const RoiPoolPrimitives& prim,
                                                             const at::Tensor& grad_output, const at::Tensor& input,
                                                             const at::Tensor& rois,
-                                                            const std::optional<at::Tensor>& offset,
-                                                            int64_t pooled_h, int64_t pooled_w, double spatial_scale,
+                                                            const std::optional<at::Tensor>& offset, int64_t pooled_h,
+                                                            int64_t pooled_w, double spatial_scale,
                                                             int64_t sampling_ratio, double gamma);
 
 }  // namespace dcnv2

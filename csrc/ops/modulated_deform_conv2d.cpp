@@ -29,37 +29,34 @@ void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) 
 }
 
 void check_4d(const at::Tensor& t, const char* name, const char* layout) {
-  TORCH_CHECK(t.dim() == 4, kOp, name, ": expected a 4-D tensor ", layout, ", got a ", t.dim(),
-              "-D tensor of shape ", t.sizes());
+  TORCH_CHECK(t.dim() == 4, kOp, name, ": expected a 4-D tensor ", layout, ", got a ", t.dim(), "-D tensor of shape ",
+              t.sizes());
 }
 
 }  // namespace
 
 ConvGeometry mdconv_geometry(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
-                           const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h,
-                           int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
-                           int64_t groups, int64_t deformable_groups) {
+                             const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h,
+                             int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+                             int64_t groups, int64_t deformable_groups) {
   check_4d(input, "input", "(N, C, H, W)");
   check_4d(weight, "weight", "(C_out, C_in / groups, kh, kw)");
   check_4d(offset, "offset", "(N, 2 * deformable_groups * kh * kw, H_out, W_out)");
   check_4d(mask, "mask", "(N, deformable_groups * kh * kw, H_out, W_out)");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), kOp,
-              "input: expected a floating-point tensor, got dtype ", input.scalar_type());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), kOp, "input: expected a floating-point tensor, got dtype ",
+              input.scalar_type());
   check_same(offset, "offset", input);
   check_same(mask, "mask", input);
   check_same(weight, "weight", input);
   if (bias.has_value()) {
     check_same(*bias, "bias", input);
   }
-  TORCH_CHECK(stride_h > 0 && stride_w > 0, kOp, "stride: expected positive values, got (", stride_h, ", ",
-              stride_w, ")");
-  TORCH_CHECK(pad_h >= 0 && pad_w >= 0, kOp, "padding: expected non-negative values, got (", pad_h, ", ",
-              pad_w, ")");
-  TORCH_CHECK(dil_h > 0 && dil_w > 0, kOp, "dilation: expected positive values, got (", dil_h, ", ", dil_w,
+  TORCH_CHECK(stride_h > 0 && stride_w > 0, kOp, "stride: expected positive values, got (", stride_h, ", ", stride_w,
               ")");
+  TORCH_CHECK(pad_h >= 0 && pad_w >= 0, kOp, "padding: expected non-negative values, got (", pad_h, ", ", pad_w, ")");
+  TORCH_CHECK(dil_h > 0 && dil_w > 0, kOp, "dilation: expected positive values, got (", dil_h, ", ", dil_w, ")");
   TORCH_CHECK(groups > 0, kOp, "groups: expected a positive value, got ", groups);
-  TORCH_CHECK(deformable_groups > 0, kOp, "deformable_groups: expected a positive value, got ",
-              deformable_groups);
+  TORCH_CHECK(deformable_groups > 0, kOp, "deformable_groups: expected a positive value, got ", deformable_groups);
 
   ConvGeometry g;
   g.batch = input.size(0);
@@ -77,24 +74,23 @@ ConvGeometry mdconv_geometry(const at::Tensor& input, const at::Tensor& offset, 
   g.dil_w = dil_w;
   g.groups = groups;
   g.deformable_groups = deformable_groups;
-  TORCH_CHECK(g.channels % groups == 0, kOp, "input: expected a channel count divisible by groups=", groups,
-              ", got ", g.channels, " channels");
+  TORCH_CHECK(g.channels % groups == 0, kOp, "input: expected a channel count divisible by groups=", groups, ", got ",
+              g.channels, " channels");
   TORCH_CHECK(g.channels % deformable_groups == 0, kOp,
               "input: expected a channel count divisible by deformable_groups=", deformable_groups, ", got ",
               g.channels, " channels");
-  TORCH_CHECK(g.out_channels % groups == 0, kOp, "weight: expected an output channel count divisible by groups=",
-              groups, ", got ", g.out_channels);
+  TORCH_CHECK(g.out_channels % groups == 0, kOp,
+              "weight: expected an output channel count divisible by groups=", groups, ", got ", g.out_channels);
   TORCH_CHECK(weight.size(1) * groups == g.channels, kOp, "weight: expected shape (C_out, ", g.channels / groups,
               ", kh, kw) for ", g.channels, " input channels and groups=", groups, ", got ", weight.sizes());
-  TORCH_CHECK(g.kernel_h > 0 && g.kernel_w > 0, kOp, "weight: expected a non-empty kernel, got shape ",
-              weight.sizes());
+  TORCH_CHECK(g.kernel_h > 0 && g.kernel_w > 0, kOp, "weight: expected a non-empty kernel, got shape ", weight.sizes());
   // Checked before dividing: C++ division truncates a negative numerator toward zero, which would give
   // a 1-pixel output for an input smaller than the kernel whenever stride > 1.
   const int64_t span_h = g.height + 2 * pad_h - (dil_h * (g.kernel_h - 1) + 1);
   const int64_t span_w = g.width + 2 * pad_w - (dil_w * (g.kernel_w - 1) + 1);
   TORCH_CHECK(span_h >= 0 && span_w >= 0, kOp, "input: expected a padded spatial size of at least the dilated ",
-              "kernel (", dil_h * (g.kernel_h - 1) + 1, ", ", dil_w * (g.kernel_w - 1) + 1, "), got ",
-              input.sizes(), " with padding (", pad_h, ", ", pad_w, ")");
+              "kernel (", dil_h * (g.kernel_h - 1) + 1, ", ", dil_w * (g.kernel_w - 1) + 1, "), got ", input.sizes(),
+              " with padding (", pad_h, ", ", pad_w, ")");
   g.out_h = span_h / stride_h + 1;
   g.out_w = span_w / stride_w + 1;
   const int64_t taps = g.kernel_h * g.kernel_w;
@@ -107,8 +103,8 @@ ConvGeometry mdconv_geometry(const at::Tensor& input, const at::Tensor& offset, 
               "mask: expected shape (N, deformable_groups * kh * kw, H_out, W_out) = ", at::IntArrayRef(mask_shape),
               ", got ", mask.sizes());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels, kOp, "bias: expected shape (",
-                g.out_channels, "), got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels, kOp, "bias: expected shape (", g.out_channels,
+                "), got ", bias->sizes());
   }
   return g;
 }

@@ -20,8 +20,8 @@ RoiBin<T> bin_of(const T* rois, const T* offset, const RoiPoolGeometry& g, int64
   const int64_t bins = g.pooled_h * g.pooled_w;
   const T dx = offset ? offset[(k * 2) * bins + ph * g.pooled_w + pw] : T(0);
   const T dy = offset ? offset[(k * 2 + 1) * bins + ph * g.pooled_w + pw] : T(0);
-  return roi_bin<T>(rois + k * 5, static_cast<T>(g.spatial_scale), int(g.pooled_h), int(g.pooled_w), int(ph),
-                    int(pw), int(g.sampling_ratio), static_cast<T>(g.gamma), dx, dy);
+  return roi_bin<T>(rois + k * 5, static_cast<T>(g.spatial_scale), int(g.pooled_h), int(g.pooled_w), int(ph), int(pw),
+                    int(g.sampling_ratio), static_cast<T>(g.gamma), dx, dy);
 }
 
 // The bilinear corners of every sample of one bin (valid ones only): computed once, shared by all
@@ -157,11 +157,10 @@ void backward_cpu_kernel(const at::Tensor& grad_output, const at::Tensor& input,
 constexpr RoiPoolPrimitives kCpuPrimitives{forward_cpu_kernel, backward_cpu_kernel};
 
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& rois, const std::optional<at::Tensor>& offset,
-                       int64_t pooled_h, int64_t pooled_w, double spatial_scale, int64_t sampling_ratio,
-                       double gamma) {
+                       int64_t pooled_h, int64_t pooled_w, double spatial_scale, int64_t sampling_ratio, double gamma) {
   check_cpu_dtype(input);
-  return deform_roi_pool_forward(kCpuPrimitives, input, rois, offset, pooled_h, pooled_w, spatial_scale,
-                                 sampling_ratio, gamma);
+  return deform_roi_pool_forward(kCpuPrimitives, input, rois, offset, pooled_h, pooled_w, spatial_scale, sampling_ratio,
+                                 gamma);
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
@@ -169,8 +168,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_output, c
                                                 int64_t pooled_h, int64_t pooled_w, double spatial_scale,
                                                 int64_t sampling_ratio, double gamma) {
   check_cpu_dtype(input);
-  return deform_roi_pool_backward(kCpuPrimitives, grad_output, input, rois, offset, pooled_h, pooled_w,
-                                  spatial_scale, sampling_ratio, gamma);
+  return deform_roi_pool_backward(kCpuPrimitives, grad_output, input, rois, offset, pooled_h, pooled_w, spatial_scale,
+                                  sampling_ratio, gamma);
 }
 
 }  // namespace

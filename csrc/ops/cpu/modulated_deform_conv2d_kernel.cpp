@@ -46,9 +46,7 @@ at::Tensor cpu_scratch(CpuScratch slot, int64_t numel, const at::TensorOptions& 
   return buffer.narrow(0, 0, numel);
 }
 
-std::string mdconv_cpu_kernel_name() {
-  return mdconv_cpu_kernels().name;
-}
+std::string mdconv_cpu_kernel_name() { return mdconv_cpu_kernels().name; }
 
 namespace {
 
@@ -63,8 +61,8 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset_, const
                        int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups,
                        int64_t deformable_groups) {
   check_cpu_dtype(input);
-  const ConvGeometry g = mdconv_geometry(input, offset_, mask_, weight, bias, stride_h, stride_w, pad_h, pad_w,
-                                         dil_h, dil_w, groups, deformable_groups);
+  const ConvGeometry g = mdconv_geometry(input, offset_, mask_, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h,
+                                         dil_w, groups, deformable_groups);
   const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
   at::Tensor output;
   if (mdconv_has_work(g)) {
@@ -81,11 +79,11 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset_, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_output_, const at::Tensor& input, const at::Tensor& offset_, const at::Tensor& mask_,
-    const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
-    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups, int64_t deformable_groups) {
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+    int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups, int64_t deformable_groups) {
   check_cpu_dtype(input);
-  const ConvGeometry g = mdconv_geometry(input, offset_, mask_, weight, bias, stride_h, stride_w, pad_h, pad_w,
-                                         dil_h, dil_w, groups, deformable_groups);
+  const ConvGeometry g = mdconv_geometry(input, offset_, mask_, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h,
+                                         dil_w, groups, deformable_groups);
   check_grad_output(grad_output_, input, g);
   const at::Tensor offset = offset_.contiguous(), mask = mask_.contiguous();
   const at::Tensor grad_output = grad_output_.contiguous();
@@ -102,8 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                                .permute({0, 3, 2, 1})
                                .reshape(weight.sizes())
                                .contiguous();
-  at::Tensor grad_bias =
-      bias.has_value() ? grad_output.sum({0, 2, 3}) : at::empty({0}, input.options());
+  at::Tensor grad_bias = bias.has_value() ? grad_output.sum({0, 2, 3}) : at::empty({0}, input.options());
   return {grad_x.permute({0, 3, 1, 2}).contiguous(), grad_offset, grad_mask, grad_weight, grad_bias};
 }
 

@@ -60,9 +60,7 @@ struct Layout {
   }
 
   // where run r's channels of tap k start inside a column
-  int64_t column_offset(const Run& r, int64_t k) const {
-    return (r.cgrp * K + k) * cg + (r.c0 - r.cgrp * cg);
-  }
+  int64_t column_offset(const Run& r, int64_t k) const { return (r.cgrp * K + k) * cg + (r.c0 - r.cgrp * cg); }
 };
 
 // dst[c] = sum_n w[n] * src_n[c]
@@ -211,17 +209,16 @@ void for_each_tap(const T* offset, const T* mask, const Layout& L, const ColumnB
 // columns (cols, row) <- mask * bilinear(x) for the block; x is (N, H, W, C)
 template <typename T>
 void im2col(const T* x, const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk, T* columns) {
-  for_each_tap(offset, mask, L, blk,
-               [&](int64_t j, int64_t b, int64_t, int64_t grp, int64_t k, const Corners<T>& c, T m) {
-                 const T* img = x + b * L.plane * L.C;
-                 for (int64_t r = L.group_first[grp]; r < L.group_first[grp + 1]; ++r) {
-                   const Run& run = L.runs[r];
-                   const T* src = img + run.c0;
-                   blend4(columns + j * L.row + L.column_offset(run, k), src + c.idx[0] * L.C,
-                          src + c.idx[1] * L.C, src + c.idx[2] * L.C, src + c.idx[3] * L.C, c.w[0] * m, c.w[1] * m,
-                          c.w[2] * m, c.w[3] * m, run.len);
-                 }
-               });
+  for_each_tap(
+      offset, mask, L, blk, [&](int64_t j, int64_t b, int64_t, int64_t grp, int64_t k, const Corners<T>& c, T m) {
+        const T* img = x + b * L.plane * L.C;
+        for (int64_t r = L.group_first[grp]; r < L.group_first[grp + 1]; ++r) {
+          const Run& run = L.runs[r];
+          const T* src = img + run.c0;
+          blend4(columns + j * L.row + L.column_offset(run, k), src + c.idx[0] * L.C, src + c.idx[1] * L.C,
+                 src + c.idx[2] * L.C, src + c.idx[3] * L.C, c.w[0] * m, c.w[1] * m, c.w[2] * m, c.w[3] * m, run.len);
+        }
+      });
 }
 
 template <typename T>
@@ -232,8 +229,7 @@ struct Tap {
 
 // grad_x (N, H, W, C) += d columns / d x applied to grad_columns (cols, row)
 template <typename T>
-void col2im(const T* grad_columns, const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk,
-            T* grad_x) {
+void col2im(const T* grad_columns, const T* offset, const T* mask, const Layout& L, const ColumnBlock& blk, T* grad_x) {
   const int64_t cols = blk.nb * blk.np, dg = L.g.deformable_groups;
   // [column][group][tap], every entry written by for_each_tap below
   const int64_t bytes = cols * dg * L.K * int64_t(sizeof(Tap<T>));
@@ -290,8 +286,8 @@ void col2im_coord(const T* grad_columns, const T* x, const T* offset, const T* m
                  for (int64_t r = L.group_first[grp]; r < L.group_first[grp + 1]; ++r) {
                    const Run& run = L.runs[r];
                    const T* src = img + run.c0;
-                   dot4(grad_columns + j * L.row + L.column_offset(run, k), src + c.idx[0] * L.C,
-                        src + c.idx[1] * L.C, src + c.idx[2] * L.C, src + c.idx[3] * L.C, run.len, d);
+                   dot4(grad_columns + j * L.row + L.column_offset(run, k), src + c.idx[0] * L.C, src + c.idx[1] * L.C,
+                        src + c.idx[2] * L.C, src + c.idx[3] * L.C, run.len, d);
                  }
                  T gm = T(0), gy = T(0), gx = T(0);
                  for (int n = 0; n < 4; ++n) {
@@ -429,8 +425,7 @@ void mdconv_backward(const ConvGeometry& g, const at::Tensor& grad_output, const
                      at::Tensor& grad_offset, at::Tensor& grad_mask, at::Tensor& grad_rows_t) {
   const Layout L(g);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnv2_mdconv_backward_cpu", [&] {
-    backward_impl<scalar_t>(L, grad_output, input, offset, mask, weight, grad_x, grad_offset, grad_mask,
-                            grad_rows_t);
+    backward_impl<scalar_t>(L, grad_output, input, offset, mask, weight, grad_x, grad_offset, grad_mask, grad_rows_t);
   });
 }
 

@@ -23,11 +23,12 @@ at::Tensor block_of(const at::Tensor& t, const ConvGeometry& g, const ColumnBloc
 }  // namespace
 
 at::Tensor column_driver_forward(const MDConvPrimitives& prim, const at::Tensor& input_, const at::Tensor& offset_,
-                          const at::Tensor& mask_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias,
-                          int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
-                          int64_t dil_w, int64_t groups, int64_t deformable_groups) {
-  const ConvGeometry g = mdconv_geometry(input_, offset_, mask_, weight_, bias, stride_h, stride_w, pad_h, pad_w,
-                                       dil_h, dil_w, groups, deformable_groups);
+                                 const at::Tensor& mask_, const at::Tensor& weight_,
+                                 const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
+                                 int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups,
+                                 int64_t deformable_groups) {
+  const ConvGeometry g = mdconv_geometry(input_, offset_, mask_, weight_, bias, stride_h, stride_w, pad_h, pad_w, dil_h,
+                                         dil_w, groups, deformable_groups);
   const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), mask = mask_.contiguous();
   const int64_t hw = g.out_h * g.out_w, taps = g.kernel_h * g.kernel_w;
   const int64_t rows_g = g.channels / g.groups * taps;
@@ -51,7 +52,8 @@ at::Tensor column_driver_forward(const MDConvPrimitives& prim, const at::Tensor&
       } else {
         output.narrow(0, blk.b0, blk.nb)
             .view({blk.nb, g.groups, g.out_channels / g.groups, hw})
-            .copy_(at::bmm(weight, cols_g).view({g.groups, g.out_channels / g.groups, blk.nb, hw}).permute({2, 0, 1, 3}));
+            .copy_(
+                at::bmm(weight, cols_g).view({g.groups, g.out_channels / g.groups, blk.nb, hw}).permute({2, 0, 1, 3}));
       }
     }
   }
@@ -66,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> column_dr
     const at::Tensor& mask_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias, int64_t stride_h,
     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups,
     int64_t deformable_groups) {
-  const ConvGeometry g = mdconv_geometry(input_, offset_, mask_, weight_, bias, stride_h, stride_w, pad_h, pad_w,
-                                       dil_h, dil_w, groups, deformable_groups);
+  const ConvGeometry g = mdconv_geometry(input_, offset_, mask_, weight_, bias, stride_h, stride_w, pad_h, pad_w, dil_h,
+                                         dil_w, groups, deformable_groups);
   check_grad_output(grad_output_, input_, g);
   const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), mask = mask_.contiguous();
   const at::Tensor grad_output = grad_output_.contiguous();

@@ -17,8 +17,8 @@ __device__ RoiBin<A> bin_of(const S* rois, const S* offset, const RoiPoolGeometr
   const int64_t bins = g.pooled_h * g.pooled_w, bin = ph * g.pooled_w + pw;
   const A dx = offset ? static_cast<A>(offset[(k * 2) * bins + bin]) : A(0);
   const A dy = offset ? static_cast<A>(offset[(k * 2 + 1) * bins + bin]) : A(0);
-  return roi_bin<A>(rois + k * 5, static_cast<A>(g.spatial_scale), int(g.pooled_h), int(g.pooled_w), int(ph),
-                    int(pw), int(g.sampling_ratio), static_cast<A>(g.gamma), dx, dy);
+  return roi_bin<A>(rois + k * 5, static_cast<A>(g.spatial_scale), int(g.pooled_h), int(g.pooled_w), int(ph), int(pw),
+                    int(g.sampling_ratio), static_cast<A>(g.gamma), dx, dy);
 }
 
 // Average of the bin's samples in one channel plane.
@@ -87,8 +87,8 @@ __global__ void forward_kernel(const S* __restrict__ input, const S* __restrict_
     const int64_t c = (n / (g.pooled_w * g.pooled_h)) % g.channels, k = n / (g.pooled_w * g.pooled_h * g.channels);
     const int64_t b = static_cast<int64_t>(static_cast<A>(rois[k * 5]));
     const RoiBin<A> bin = bin_of<S, A>(rois, offset, g, k, ph, pw);
-    output[n] =
-        static_cast<S>(bin_average(bin, input + (b * g.channels + c) * g.height * g.width, int(g.height), int(g.width)));
+    output[n] = static_cast<S>(
+        bin_average(bin, input + (b * g.channels + c) * g.height * g.width, int(g.height), int(g.width)));
   }
 }
 
@@ -162,9 +162,9 @@ cudaError_t roi_pool_backward(const S* grad_output, const S* input, const S* roi
   return cudaGetLastError();
 }
 
-#define POOL_INSTANTIATE(S)                                                                                     \
+#define POOL_INSTANTIATE(S)                                                                                         \
   template cudaError_t roi_pool_forward<S>(const S*, const S*, const S*, const RoiPoolGeometry&, S*, cudaStream_t); \
-  template cudaError_t roi_pool_backward<S>(const S*, const S*, const S*, const S*, const RoiPoolGeometry&,          \
+  template cudaError_t roi_pool_backward<S>(const S*, const S*, const S*, const S*, const RoiPoolGeometry&,         \
                                             acc_type<S>::type*, S*, cudaStream_t);
 
 POOL_INSTANTIATE(float)

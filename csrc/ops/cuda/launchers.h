@@ -16,8 +16,8 @@ namespace dcnv2 {
 namespace DCN_CUDA_NAMESPACE {
 
 template <typename S>
-cudaError_t mdconv_im2col(const S* input, const S* offset, const S* mask, const ConvGeometry& g,
-                          const ColumnBlock& blk, S* columns, cudaStream_t stream);
+cudaError_t mdconv_im2col(const S* input, const S* offset, const S* mask, const ConvGeometry& g, const ColumnBlock& blk,
+                          S* columns, cudaStream_t stream);
 
 template <typename S>
 cudaError_t mdconv_col2im(const S* grad_columns, const S* offset, const S* mask, const ConvGeometry& g,

@@ -36,8 +36,7 @@ __global__ void im2col_kernel(const S* __restrict__ input, const S* __restrict__
 // One thread per column element (channel, tap, image, position): scatters into the input gradient.
 template <typename S, typename A>
 __global__ void col2im_kernel(const S* __restrict__ grad_columns, const S* __restrict__ offset,
-                              const S* __restrict__ mask, ConvGeometry g, ColumnBlock blk,
-                              A* __restrict__ grad_input) {
+                              const S* __restrict__ mask, ConvGeometry g, ColumnBlock blk, A* __restrict__ grad_input) {
   const int64_t K = g.kernel_h * g.kernel_w, HW = g.out_h * g.out_w, cols = blk.nb * blk.np;
   const int64_t group_channels = g.channels / g.deformable_groups;
   DCN_KERNEL_LOOP(n, g.channels * K * cols) {
@@ -80,8 +79,8 @@ __global__ void col2im_coord_kernel(const S* __restrict__ grad_columns, const S*
                    int(g.width), cr)) {
       for (int64_t c = grp * group_channels; c < (grp + 1) * group_channels; ++c) {
         const S* src = input + (b * g.channels + c) * plane;
-        const A v[4] = {static_cast<A>(src[cr.idx[0]]), static_cast<A>(src[cr.idx[1]]),
-                        static_cast<A>(src[cr.idx[2]]), static_cast<A>(src[cr.idx[3]])};
+        const A v[4] = {static_cast<A>(src[cr.idx[0]]), static_cast<A>(src[cr.idx[1]]), static_cast<A>(src[cr.idx[2]]),
+                        static_cast<A>(src[cr.idx[3]])};
         const A gc = static_cast<A>(grad_columns[(c * K + k) * cols + j]);
         gm += gc * (cr.w[0] * v[0] + cr.w[1] * v[1] + cr.w[2] * v[2] + cr.w[3] * v[3]);
         gy += gc * (cr.wy[0] * v[0] + cr.wy[1] * v[1] + cr.wy[2] * v[2] + cr.wy[3] * v[3]);
@@ -98,8 +97,8 @@ __global__ void col2im_coord_kernel(const S* __restrict__ grad_columns, const S*
 }  // namespace
 
 template <typename S>
-cudaError_t mdconv_im2col(const S* input, const S* offset, const S* mask, const ConvGeometry& g,
-                          const ColumnBlock& blk, S* columns, cudaStream_t stream) {
+cudaError_t mdconv_im2col(const S* input, const S* offset, const S* mask, const ConvGeometry& g, const ColumnBlock& blk,
+                          S* columns, cudaStream_t stream) {
   const int64_t n = g.channels * blk.nb * blk.np;
   if (n > 0) {
     const auto kernel = im2col_kernel<S, typename acc_type<S>::type>;
@@ -132,12 +131,12 @@ cudaError_t mdconv_col2im_coord(const S* grad_columns, const S* input, const S* 
   return cudaGetLastError();
 }
 
-#define DCN_INSTANTIATE(S)                                                                                      \
-  template cudaError_t mdconv_im2col<S>(const S*, const S*, const S*, const ConvGeometry&, const ColumnBlock&,  \
-                                        S*, cudaStream_t);                                                      \
-  template cudaError_t mdconv_col2im<S>(const S*, const S*, const S*, const ConvGeometry&, const ColumnBlock&,  \
-                                        acc_type<S>::type*, cudaStream_t);                                      \
-  template cudaError_t mdconv_col2im_coord<S>(const S*, const S*, const S*, const S*, const ConvGeometry&,       \
+#define DCN_INSTANTIATE(S)                                                                                         \
+  template cudaError_t mdconv_im2col<S>(const S*, const S*, const S*, const ConvGeometry&, const ColumnBlock&, S*, \
+                                        cudaStream_t);                                                             \
+  template cudaError_t mdconv_col2im<S>(const S*, const S*, const S*, const ConvGeometry&, const ColumnBlock&,     \
+                                        acc_type<S>::type*, cudaStream_t);                                         \
+  template cudaError_t mdconv_col2im_coord<S>(const S*, const S*, const S*, const S*, const ConvGeometry&,         \
                                               const ColumnBlock&, S*, S*, cudaStream_t);
 
 DCN_INSTANTIATE(float)

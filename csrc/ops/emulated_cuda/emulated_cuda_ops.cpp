@@ -21,9 +21,9 @@ void check_cpu(const at::Tensor& input, const char* op) {
 }
 
 at::Tensor emulated_mdconv_forward(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
-                          const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h,
-                          int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups,
-                          int64_t deformable_groups) {
+                                   const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h,
+                                   int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+                                   int64_t groups, int64_t deformable_groups) {
   check_cpu(input, "modulated_deform_conv2d");
   return column_driver_forward(kConvPrimitives, input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w,
                                dil_h, dil_w, groups, deformable_groups);
@@ -38,26 +38,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_
                                 pad_h, pad_w, dil_h, dil_w, groups, deformable_groups);
 }
 
-at::Tensor emulated_pool_forward(const at::Tensor& input, const at::Tensor& rois, const std::optional<at::Tensor>& offset,
-                        int64_t pooled_h, int64_t pooled_w, double spatial_scale, int64_t sampling_ratio,
-                        double gamma) {
+at::Tensor emulated_pool_forward(const at::Tensor& input, const at::Tensor& rois,
+                                 const std::optional<at::Tensor>& offset, int64_t pooled_h, int64_t pooled_w,
+                                 double spatial_scale, int64_t sampling_ratio, double gamma) {
   check_cpu(input, "deform_roi_pool");
   return deform_roi_pool_forward(kPoolPrimitives, input, rois, offset, pooled_h, pooled_w, spatial_scale,
                                  sampling_ratio, gamma);
 }
 
 std::tuple<at::Tensor, at::Tensor> emulated_pool_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                                 const at::Tensor& rois, const std::optional<at::Tensor>& offset,
-                                                 int64_t pooled_h, int64_t pooled_w, double spatial_scale,
-                                                 int64_t sampling_ratio, double gamma) {
+                                                          const at::Tensor& rois,
+                                                          const std::optional<at::Tensor>& offset, int64_t pooled_h,
+                                                          int64_t pooled_w, double spatial_scale,
+                                                          int64_t sampling_ratio, double gamma) {
   check_cpu(input, "deform_roi_pool_backward");
   return deform_roi_pool_backward(kPoolPrimitives, grad_output, input, rois, offset, pooled_h, pooled_w, spatial_scale,
                                   sampling_ratio, gamma);
 }
 
-std::string name(const char* op, const char* signature) {
-  return std::string(kPrefix) + op + signature;
-}
+std::string name(const char* op, const char* signature) { return std::string(kPrefix) + op + signature; }
 
 }  // namespace
 

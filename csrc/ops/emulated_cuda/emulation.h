@@ -33,8 +33,7 @@ struct Dim3 {
 }  // namespace dcnv2
 
 // The built-in variables of the running CUDA thread (one thread runs at a time).
-inline thread_local dcnv2::emulation::Dim3 blockIdx{0, 0, 0}, threadIdx{0, 0, 0}, blockDim{1, 1, 1},
-    gridDim{1, 1, 1};
+inline thread_local dcnv2::emulation::Dim3 blockIdx{0, 0, 0}, threadIdx{0, 0, 0}, blockDim{1, 1, 1}, gridDim{1, 1, 1};
 
 // ----- the runtime API our launchers call -----
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
