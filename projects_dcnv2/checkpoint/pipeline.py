@@ -58,24 +58,25 @@ def convert_checkpoint(
         CheckpointMismatchError: the checkpoint does not fit ``model_state`` (nothing should be
             loaded), or it is an MMCV-style checkpoint of an unknown model.
     """
+    ours = raw.get("__author__") == AUTHOR  # already in Detectron2 names
+    fmt = None if ours else guess_format(raw)
+    if not ours and fmt is None:
+        if isinstance(raw.get("state_dict"), Mapping):
+            raise CheckpointMismatchError(
+                f"{name} is an MMCV-style checkpoint ({{'state_dict': ...}}) but its keys are "
+                "neither MMDetection R-50-FPN R-CNN keys (backbone.layer*, neck.*, rpn_head.*, "
+                "roi_head.*) nor a torchvision ResNet (conv1.*, layer*.*, fc.*): "
+                f"{list(raw['state_dict'])[:5]}"
+            )
+        return raw, None  # a Detectron2 checkpoint: any model, stem or not
     prefix = BOTTOM_UP if model_state is None else _bottom_up_prefix(model_state)
-    if raw.get("__author__") == AUTHOR:  # already in Detectron2 names
+    if ours:
         state_dict = raw["model"]
         report = ConversionReport(source=f"{AUTHOR} pickle")
         for key in state_dict:
             component = component_of(key, prefix)
             report.counts[component] = report.counts.get(component, 0) + 1
     else:
-        fmt = guess_format(raw)
-        if fmt is None:
-            if isinstance(raw.get("state_dict"), Mapping):
-                raise CheckpointMismatchError(
-                    f"{name} is an MMCV-style checkpoint ({{'state_dict': ...}}) but its keys are "
-                    "neither MMDetection R-50-FPN R-CNN keys (backbone.layer*, neck.*, rpn_head.*, "
-                    "roi_head.*) nor a torchvision ResNet (conv1.*, layer*.*, fc.*): "
-                    f"{list(raw['state_dict'])[:5]}"
-                )
-            return raw, None
         state_dict, report = _CONVERTERS[fmt](raw, bottom_up_prefix=prefix)
     report.name = name
     if model_state is not None:
