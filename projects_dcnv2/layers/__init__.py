@@ -1,4 +1,5 @@
 """Functional DCNv2 operators and their modules (no config code here)."""
+
 from .._ops import CUDA_VERSION, WITH_CUDA
 from .deform_conv import (
     ModulatedDeformConv2d,
@@ -6,7 +7,12 @@ from .deform_conv import (
     modulated_deform_conv2d,
     upgrade_legacy_offset_keys,
 )
-from .deform_roi_pool import DeformRoIPool, DeformRoIPoolPack, ModulatedDeformRoIPoolPack, deform_roi_pool
+from .deform_roi_pool import (
+    DeformRoIPool,
+    DeformRoIPoolPack,
+    ModulatedDeformRoIPoolPack,
+    deform_roi_pool,
+)
 
 __all__ = [
     "CUDA_VERSION",
