@@ -56,7 +56,7 @@ def plot(runs, labels, keys, output, title=None):
         rows, columns, figsize=(5.0 * columns, 3.2 * rows), squeeze=False, layout="constrained"
     )
     for ax, key in zip(axes.flat, keys):
-        for (records, final_ap), label in zip(loaded, labels):
+        for index, ((records, final_ap), label) in enumerate(zip(loaded, labels)):
             points = [(r["iteration"] + 1, r[key]) for r in records if key in r]
             if not points:
                 continue
@@ -65,6 +65,7 @@ def plot(runs, labels, keys, output, title=None):
                 *zip(*points),
                 marker="o",
                 markersize=3,
+                color=f"C{index}",  # a run keeps its colour in panels other runs do not log
                 label=f"{label} ({scores})" if scores else label,
             )
         ax.set_title(key, fontsize=10)
