@@ -46,25 +46,26 @@ RoiPoolGeometry make_geometry(const at::Tensor& input, const at::Tensor& rois, c
                 "offset: expected shape (K, 2, out_h, out_w) = ", at::IntArrayRef(shape), ", got ", offset->sizes());
   }
   if (num_rois > 0) {
-    // Checked here (one device sync on CUDA) so that a bad RoI is an error, never an out-of-bounds read.
+    // Checked here so that a bad RoI is an error, never an out-of-bounds read or an endless grid. The
+    // three verdicts are fetched together: one device sync on CUDA per call.
     const at::Tensor index = rois.select(1, 0);
-    TORCH_CHECK(at::logical_and(index >= 0, index < input.size(0)).all().item<bool>(), kOp,
-                "rois: expected batch indices (column 0) in [0, ", input.size(0), "), got values in [",
+    // The adaptive grid has ceil(RoI size / output size) samples per bin side: a huge RoI would take
+    // hours (and past 2^31 pixels overflow the grid size), so it is an error instead.
+    const at::Tensor size = (rois.narrow(1, 3, 2) - rois.narrow(1, 1, 2)).to(at::kDouble).clamp_min(0) * spatial_scale;
+    const at::Tensor samples = sampling_ratio > 0 ? at::zeros({1}, size.options())
+                                                  : (size.select(1, 0) / double(pooled_w)).ceil() *
+                                                        (size.select(1, 1) / double(pooled_h)).ceil();
+    const at::Tensor verdicts = at::stack({at::logical_and(index >= 0, index < input.size(0)).all().to(at::kDouble),
+                                           at::isfinite(rois).all().to(at::kDouble), samples.max()})
+                                    .cpu();
+    const double* v = verdicts.const_data_ptr<double>();
+    TORCH_CHECK(v[0] != 0, kOp, "rois: expected batch indices (column 0) in [0, ", input.size(0), "), got values in [",
                 index.min().item<double>(), ", ", index.max().item<double>(), "]");
-    TORCH_CHECK(at::isfinite(rois).all().item<bool>(), kOp, "rois: expected finite coordinates, got NaN or inf");
-    if (sampling_ratio <= 0) {
-      // The adaptive grid has ceil(RoI size / output size) samples per bin side: a huge RoI would take
-      // hours (and past 2^31 pixels overflow the grid size), so it is an error instead.
-      const at::Tensor size =
-          (rois.narrow(1, 3, 2) - rois.narrow(1, 1, 2)).to(at::kDouble).clamp_min(0) * spatial_scale;
-      const at::Tensor samples =
-          (size.select(1, 0) / double(pooled_w)).ceil() * (size.select(1, 1) / double(pooled_h)).ceil();
-      const double most = samples.max().item<double>();
-      TORCH_CHECK(most <= double(kMaxAdaptiveSamples), kOp, "rois: expected RoIs whose adaptive sampling grid ",
-                  "(sampling_ratio=0) has at most ", kMaxAdaptiveSamples, " samples per bin, got one with ", most,
-                  " (RoI of ", size.select(1, 0).max().item<double>(), " x ", size.select(1, 1).max().item<double>(),
-                  " feature-map pixels at most); pass a positive sampling_ratio for such RoIs");
-    }
+    TORCH_CHECK(v[1] != 0, kOp, "rois: expected finite coordinates, got NaN or inf");
+    TORCH_CHECK(v[2] <= double(kMaxAdaptiveSamples), kOp, "rois: expected RoIs whose adaptive sampling grid ",
+                "(sampling_ratio=0) has at most ", kMaxAdaptiveSamples, " samples per bin, got one with ", v[2],
+                " (RoI of ", size.select(1, 0).max().item<double>(), " x ", size.select(1, 1).max().item<double>(),
+                " feature-map pixels at most); pass a positive sampling_ratio for such RoIs");
   }
   RoiPoolGeometry g;
   g.batch = input.size(0);
