@@ -9,10 +9,7 @@ widths (every layer kept) on 64-pixel images.
 import json
 import logging
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -468,21 +465,13 @@ def test_mmdet_mdconv_weights_load_into_the_paper_complete_configs(tmp_path, tar
 
 
 def test_train_net_logs_the_mimic_losses(tmp_path):
-    from test_train_net import REPO, TINY
+    from test_train_net import TINY, run_train_net
 
     out = tmp_path / "output"
-    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
     config = "configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_mimic_shapes.yaml"
     args = [*TINY, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
-    proc = subprocess.run(
-        [sys.executable, "train_net.py", "--config-file", config, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    returncode, output = run_train_net(tmp_path / "datasets", *args, config=config)
+    assert returncode == 0, output[-5000:]
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert {"loss_mimic", "loss_mimic_cls"} <= set(records[-1])
     assert records[-1]["loss_mimic"] > 0 and records[-1]["loss_mimic_cls"] > 0

@@ -26,12 +26,12 @@ TINY = [
 ]  # fmt: skip
 
 
-def run_train_net(datasets, *args):
+def run_train_net(datasets, *args, config=CONFIG):
     # One OpenMP thread: a tiny model gains nothing from more, and on a shared 2-core machine
     # oversubscribed OpenMP threads made an iteration 25x slower.
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "train_net.py", "--config-file", CONFIG, *args],
+        [sys.executable, "train_net.py", "--config-file", config, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
