@@ -14,9 +14,15 @@
 
 namespace dcnv2 {
 
+// The public operators, and the CUDA column path under private names: the public operators' CUDA
+// kernels are registered from Python (projects_dcnv2/_ops.py), which chooses between a Triton kernel
+// and these. Defined in every build, so Python can refer to them; implemented only in CUDA builds.
 TORCH_LIBRARY_FRAGMENT(dcnv2, m) {
   m.def((std::string("modulated_deform_conv2d") + kMDConvSignature).c_str(), {at::Tag::pt2_compliant_tag});
   m.def((std::string("_modulated_deform_conv2d_backward") + kMDConvBackwardSignature).c_str(),
+        {at::Tag::pt2_compliant_tag});
+  m.def((std::string("_cuda_modulated_deform_conv2d") + kMDConvSignature).c_str(), {at::Tag::pt2_compliant_tag});
+  m.def((std::string("_cuda_modulated_deform_conv2d_backward") + kMDConvBackwardSignature).c_str(),
         {at::Tag::pt2_compliant_tag});
 }
 

@@ -58,8 +58,9 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_out
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dcnv2, CUDA, m) {
-  m.impl("modulated_deform_conv2d", &mdconv_forward_cuda);
-  m.impl("_modulated_deform_conv2d_backward", &mdconv_backward_cuda);
+  // The public modulated_deform_conv2d ops get their CUDA kernels from Python (_ops.py), which calls these.
+  m.impl("_cuda_modulated_deform_conv2d", &mdconv_forward_cuda);
+  m.impl("_cuda_modulated_deform_conv2d_backward", &mdconv_backward_cuda);
   m.impl("deform_roi_pool", &pool_forward_cuda);
   m.impl("_deform_roi_pool_backward", &pool_backward_cuda);
 }
