@@ -1,0 +1,56 @@
+"""Fused (implicit-GEMM) Triton kernels of ``modulated_deform_conv2d``: no column buffer.
+
+This package only says whether the kernels can run; the kernel modules (``mdconv_forward``,
+``mdconv_backward``, and ``common`` for the per-sample math they share) import Triton and are
+imported on first use, so ``import projects_dcnv2`` neither needs Triton nor pays for it.
+
+Triton decides when a kernel is decorated whether it is compiled for the GPU or run by its
+interpreter on CPU tensors (``TRITON_INTERPRET=1``): set the variable before the first call of a
+``_triton_*`` operator (or the first import of a kernel module) to run the kernels on the CPU.
+"""
+
+import importlib.util
+import os
+
+import torch
+
+__all__ = [
+    "AVAILABLE",
+    "INT32_MAX",
+    "alert_not_deterministic",
+    "dot_precision",
+    "interpreter_requested",
+    "max_offset",
+]
+
+AVAILABLE: bool = importlib.util.find_spec("triton") is not None
+"""Whether Triton is importable (it ships with PyTorch's CUDA wheels)."""
+
+INT32_MAX = 2**31 - 1
+"""The kernels index with int32: every tensor's largest element offset must stay at or below this."""
+
+
+def interpreter_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read at kernel decoration)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """The largest element offset (in elements) that indexing ``t`` through its strides reaches."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for operands of ``dtype``: TF32 tensor-core products for float32
+    when ``torch.backends.cudnn.allow_tf32`` is set (as ``F.conv2d`` decides), "ieee" otherwise
+    (float16 and bfloat16 products are exact in the float32 accumulator either way)."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def alert_not_deterministic(caller: str) -> None:
+    """The standard alert of a nondeterministic kernel (atomics): an error under
+    ``torch.use_deterministic_algorithms(True)``, a warning with ``warn_only=True``; as the C++
+    ``at::globalContext().alertNotDeterministic`` of the column path."""
+    torch._C._alert_not_deterministic(caller)
