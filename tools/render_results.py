@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Writes the generated tables of docs/results/*.md from the benchmark JSON files in docs/.
+
+A results page marks each generated block with a pair of HTML comments,
+
+    <!-- results:NAME -->
+    ...
+    <!-- /results:NAME -->
+
+and this script replaces what lies between them with the output of the renderer registered as
+NAME (``@renderer("NAME", "docs/results/PAGE.md")`` below). Run it whenever a JSON file changes:
+
+    python tools/render_results.py           # rewrite the pages
+    python tools/render_results.py --check   # exit 1, naming each page that is out of date
+
+tests/test_tools.py runs the check, so a committed page cannot disagree with its JSON. The prose
+around the markers (machine, date, command) is written by hand.
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+
+# name -> (page path relative to the repository root, function(docs folder) -> markdown)
+RENDERERS = {}
+
+_BLOCK = re.compile(
+    r"<!-- results:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S
+)
+
+
+def renderer(name, page):
+    """Registers ``fn(docs: Path) -> str`` as the renderer of block ``name`` in ``page``."""
+
+    def register(fn):
+        RENDERERS[name] = (page, fn)
+        return fn
+
+    return register
+
+
+def _load(docs, filename):
+    with open(Path(docs) / filename) as f:
+        return json.load(f)
+
+
+def _ms(value):
+    """Milliseconds with three significant-ish digits: 2516.8, 31.9, 1.93, 0.306."""
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _x(ratio):
+    return f"{ratio:.2f}x"
+
+
+def _environment(result, filename):
+    kept = (
+        "freed memory kept (`mallopt`)" if result.get("freed_memory_kept") else "allocator defaults"
+    )
+    return (
+        f"`docs/{filename}`: {result['machine']}, {result['dtype']}, torch {result['torch']}, "
+        f"torchvision {result['torchvision']}, {kept}."
+    )
+
+
+def _conv_table(rows):
+    lines = [
+        "| stage | dg | forward ms: ours / `F.conv2d` / torchvision | ours / conv | torchvision / ours "
+        "| fwd+bwd ms: ours / conv / torchvision | ours / conv | torchvision / ours |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [r["shape"], str(r["dg"])]
+        for phase in ("fwd", "fwdbwd"):
+            times = (r[f"ours_{phase}_ms"], r[f"conv2d_{phase}_ms"], r[f"torchvision_{phase}_ms"])
+            cells += [
+                " / ".join(_ms(t) for t in times),
+                _x(r[f"ours/conv2d_{phase}"]),
+                _x(r[f"torchvision/ours_{phase}"]),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _pool_table(pool):
+    return [
+        "| mdpool (both passes, no FCs) | ours ms | `roi_align` ms | ours / `roi_align` |",
+        "|---|---|---|---|",
+        f"| {pool['shape']} | {_ms(pool['ours_ms'])} | {_ms(pool['roi_align_ms'])} "
+        f"| {_x(pool['ours/roi_align'])} |",
+    ]
+
+
+# The CPU targets of the performance issue, which docs/results/cpu_ops.md states above its tables:
+# (name, JSON key, limit, True when the ratio must stay at or below the limit).
+CPU_TARGETS = (
+    ("forward", "ours/conv2d_fwd", 1.5, True),
+    ("forward+backward", "ours/conv2d_fwdbwd", 2.5, True),
+    ("torchvision", "torchvision/ours_fwdbwd", 2.5, False),
+)
+POOL_TARGET = 2.0  # mdpool at most 2x torchvision's roi_align
+
+
+def _verdict(result):
+    missed = []
+    for what, key, limit, at_most in CPU_TARGETS:
+        for r in result["conv"]:
+            if (r[key] > limit) if at_most else (r[key] < limit):
+                missed.append(f"{what} ({r['shape']} dg {r['dg']})")
+    if result["pool"]["ours/roi_align"] > POOL_TARGET:
+        missed.append("mdpool")
+    if missed:
+        return "Targets: **not met**: " + ", ".join(missed) + "."
+    return "Targets: met in every row."
+
+
+def _op_block(docs, filename, targets):
+    result = _load(docs, filename)
+    lines = [_environment(result, filename), "", *_conv_table(result["conv"]), ""]
+    lines += [*_pool_table(result["pool"]), ""]
+    if targets:
+        lines += [_verdict(result), ""]
+    return "\n".join(lines)
+
+
+@renderer("cpu_ops", "docs/results/cpu_ops.md")
+def cpu_ops(docs):
+    return _op_block(docs, "benchmarks_cpu.json", targets=True)
+
+
+@renderer("cpu_ops_fresh_memory", "docs/results/cpu_ops.md")
+def cpu_ops_fresh_memory(docs):
+    return _op_block(docs, "benchmarks_cpu_fresh_memory.json", targets=True)
+
+
+@renderer("gpu_ops_float32", "docs/results/gpu_ops.md")
+def gpu_ops_float32(docs):
+    return _op_block(docs, "benchmarks_cuda_h200_float32.json", targets=False)
+
+
+@renderer("gpu_ops_float16", "docs/results/gpu_ops.md")
+def gpu_ops_float16(docs):
+    return _op_block(docs, "benchmarks_cuda_h200_float16.json", targets=False)
+
+
+MODEL_TARGET = ("mask_rcnn_R50_FPN_mdconv", 1.15)  # the DCNv2 config whose ratio has a target
+
+
+@renderer("cpu_models", "docs/results/cpu_models.md")
+def cpu_models(docs):
+    filename = "benchmarks_model_cpu.json"
+    result = _load(docs, filename)
+    lines = [
+        f"`docs/{filename}`: {result['machine']}, input {result['size']}, "
+        f"{result['repeat']} rounds per pair.",
+        "",
+        "| plain | DCNv2 | plain s/img | DCNv2 s/img | ratio | backbone ratio "
+        "| plain peak MB | DCNv2 peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    outcome = "not measured"
+    for r in result["rows"]:
+        plain, dcn = r["plain"], r["dcnv2"]
+        lines.append(
+            f"| {plain['config']} | {dcn['config']} | {plain['median_s']:.2f} | {dcn['median_s']:.2f} "
+            f"| {_x(r['ratio'])} | {_x(r['backbone']['ratio'])} | {plain['peak_mb']:.0f} "
+            f"| {dcn['peak_mb']:.0f} |"
+        )
+        if dcn["config"] == MODEL_TARGET[0]:
+            outcome = "met" if r["ratio"] <= MODEL_TARGET[1] else "**not met**"
+    verdict = (
+        f"Target (`{MODEL_TARGET[0]}` at most {MODEL_TARGET[1]:g}x its plain model): {outcome}."
+    )
+    return "\n".join([*lines, "", verdict, ""])
+
+
+def render_text(text, page, docs=DOCS):
+    """``text`` (the content of ``page``, a path relative to the repository root) with every
+    generated block rewritten from the JSON files in ``docs``. Raises ValueError for a block
+    without a renderer, a renderer of this page whose block is missing, or a renderer registered
+    for another page."""
+    found = set()
+
+    def replace(match):
+        name = match["name"]
+        if name not in RENDERERS:
+            raise ValueError(f"{page}: block {name!r} has no renderer (known: {sorted(RENDERERS)})")
+        if RENDERERS[name][0] != page:
+            raise ValueError(f"{page}: block {name!r} belongs to {RENDERERS[name][0]}")
+        found.add(name)
+        body = RENDERERS[name][1](docs)
+        return f"<!-- results:{name} -->\n{body}<!-- /results:{name} -->"
+
+    rendered = _BLOCK.sub(replace, text)
+    missing = sorted(n for n, (p, _) in RENDERERS.items() if p == page and n not in found)
+    if missing:
+        raise ValueError(f"{page}: no <!-- results:NAME --> markers for {missing}")
+    return rendered
+
+
+def pages():
+    """The pages that have generated blocks, relative to the repository root."""
+    return sorted({page for page, _ in RENDERERS.values()})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if a page is stale"
+    )
+    args = parser.parse_args(argv)
+    stale = []
+    for page in pages():
+        path = REPO / page
+        text = path.read_text()
+        rendered = render_text(text, page)
+        if rendered != text:
+            stale.append(page)
+            if not args.check:
+                path.write_text(rendered)
+    verb = "out of date" if args.check else "rewritten"
+    for page in stale:
+        print(f"{page}: {verb}")
+    return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
