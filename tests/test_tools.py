@@ -1,10 +1,12 @@
 """The user-facing tools: tools/visualize_sampling.py (its geometry, projects_dcnv2.analysis and
 MDPoolROIPooler.deformation, checked against the ops; the tool end to end on freshly built models), tools/demo.py, tools/plot_training_curves.py, and the training
-progress a train_net run leaves behind (log with ETA / losses / lr, metrics.json, TensorBoard)."""
+progress a train_net run leaves behind (log with ETA / losses / lr, metrics.json, TensorBoard);
+tools/render_results.py (the results pages equal what their JSON gives) and the docs' relative links."""
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -369,3 +371,82 @@ def test_training_reports_progress(tiny_training_run):
     assert {"total_loss", "loss_cls", "loss_box_reg", "lr", "eta_seconds"} <= set(records[-1])
     events = list(out.glob("events.out.tfevents*"))
     assert events and events[0].stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Results pages (tools/render_results.py) and the links between the docs
+
+
+def test_render_results_pages_match_their_json():
+    """Every generated table in docs/results/ is what the committed JSON gives: a page cannot
+    disagree with its JSON (after a new benchmark run: python tools/render_results.py)."""
+    render = _load_tool("render_results")
+    assert render.pages(), "no renderer registered"
+    for page in render.pages():
+        text = (REPO / page).read_text()
+        assert text == render.render_text(text, page), (
+            f"{page} is stale: run tools/render_results.py"
+        )
+
+
+def test_render_results_follows_the_json(tmp_path):
+    render = _load_tool("render_results")
+    for path in (REPO / "docs").glob("benchmarks_*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    page = "docs/results/cpu_ops.md"
+    text = (REPO / page).read_text()
+    before = render.render_text(text, page, docs=tmp_path)
+    assert "met in every row" in before
+    result = json.loads((tmp_path / "benchmarks_cpu.json").read_text())
+    result["conv"][0]["ours/conv2d_fwd"] = 1.6049  # beyond the 1.5x forward target
+    result["conv"][0]["ours_fwd_ms"] = 12345.67
+    (tmp_path / "benchmarks_cpu.json").write_text(json.dumps(result))
+    after = render.render_text(text, page, docs=tmp_path)
+    assert "| 1.60x |" in after and "12345.7 / " in after
+    assert "Targets: **not met**: forward (c3 dg 1)." in after
+    models = json.loads((tmp_path / "benchmarks_model_cpu.json").read_text())
+    models["rows"][-1]["ratio"] = 1.2
+    (tmp_path / "benchmarks_model_cpu.json").write_text(json.dumps(models))
+    page = "docs/results/cpu_models.md"
+    rendered = render.render_text((REPO / page).read_text(), page, docs=tmp_path)
+    assert "| 1.20x |" in rendered and "its plain model): **not met**." in rendered
+    with pytest.raises(ValueError, match="'nonsense' has no renderer"):
+        render.render_text("<!-- results:nonsense -->\n<!-- /results:nonsense -->\n", page)
+    with pytest.raises(ValueError, match="no <!-- results:NAME --> markers for \\['cpu_models'\\]"):
+        render.render_text("no markers\n", page)
+
+
+def _github_anchor(heading):
+    """The anchor GitHub gives a markdown heading: lower case, punctuation dropped, spaces -> '-'."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_docs_relative_links_resolve():
+    """Every relative link and image in README.md and docs/ names an existing file, and a
+    #fragment into a markdown page names one of its headings."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    anchors = {}
+
+    def anchors_of(path):
+        if path not in anchors:
+            text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+            anchors[path] = {_github_anchor(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+        return anchors[path]
+
+    broken, checked = [], 0
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        text = re.sub(r"`[^`\n]*`", "", text)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, fragment = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            checked += 1
+            if not resolved.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif fragment and resolved.suffix == ".md" and fragment not in anchors_of(resolved):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert checked > 50, checked
+    assert not broken, "\n".join(broken)
