@@ -8,7 +8,8 @@ A results page marks each generated block with a pair of HTML comments,
     <!-- /results:NAME -->
 
 and this script replaces what lies between them with the output of the renderer registered as
-NAME (``@renderer("NAME", "docs/results/PAGE.md")`` below). Run it whenever a JSON file changes:
+NAME: an entry of ``OP_BLOCKS`` for a tools/benchmark_ops.py JSON file, or a function decorated
+with ``@renderer("NAME", "docs/results/PAGE.md")``. Run it whenever a JSON file changes:
 
     python tools/render_results.py           # rewrite the pages
     python tools/render_results.py --check   # exit 1, naming each page that is out of date
@@ -18,6 +19,7 @@ around the markers (machine, date, command) is written by hand.
 """
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -132,24 +134,16 @@ def _op_block(docs, filename, targets):
     return "\n".join(lines)
 
 
-@renderer("cpu_ops", "docs/results/cpu_ops.md")
-def cpu_ops(docs):
-    return _op_block(docs, "benchmarks_cpu.json", targets=True)
-
-
-@renderer("cpu_ops_fresh_memory", "docs/results/cpu_ops.md")
-def cpu_ops_fresh_memory(docs):
-    return _op_block(docs, "benchmarks_cpu_fresh_memory.json", targets=True)
-
-
-@renderer("gpu_ops_float32", "docs/results/gpu_ops.md")
-def gpu_ops_float32(docs):
-    return _op_block(docs, "benchmarks_cuda_h200_float32.json", targets=False)
-
-
-@renderer("gpu_ops_float16", "docs/results/gpu_ops.md")
-def gpu_ops_float16(docs):
-    return _op_block(docs, "benchmarks_cuda_h200_float16.json", targets=False)
+# The op benchmark blocks (tools/benchmark_ops.py --json): name -> (page, JSON file in docs/,
+# whether the CPU targets apply).
+OP_BLOCKS = {
+    "cpu_ops": ("docs/results/cpu_ops.md", "benchmarks_cpu.json", True),
+    "cpu_ops_fresh_memory": ("docs/results/cpu_ops.md", "benchmarks_cpu_fresh_memory.json", True),
+    "gpu_ops_float32": ("docs/results/gpu_ops.md", "benchmarks_cuda_h200_float32.json", False),
+    "gpu_ops_float16": ("docs/results/gpu_ops.md", "benchmarks_cuda_h200_float16.json", False),
+}
+for _name, (_page, _filename, _targets) in OP_BLOCKS.items():
+    renderer(_name, _page)(functools.partial(_op_block, filename=_filename, targets=_targets))
 
 
 MODEL_TARGET = ("mask_rcnn_R50_FPN_mdconv", 1.15)  # the DCNv2 config whose ratio has a target
