@@ -52,7 +52,7 @@ def _load(docs, filename):
 
 
 def _ms(value):
-    """Milliseconds with three significant-ish digits: 2516.8, 31.9, 1.93, 0.306."""
+    """Milliseconds to about three significant digits: 2516.8, 31.9, 1.93, 0.306."""
     if value >= 10:
         return f"{value:.1f}"
     if value >= 1:
