@@ -84,3 +84,23 @@ def make_model(name, *opts, seed=0):
     cfg = make_cfg(name, *opts)
     torch.manual_seed(seed)
     return cfg, build_model(cfg)
+
+
+def training_batch(mask_on, size=128):
+    """Two ``size`` x ``size`` images with two ground-truth instances each (classes 0 and 3, their
+    polygons when ``mask_on``), as a model's training input."""
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    torch.manual_seed(1)
+    batch = []
+    for _ in range(2):
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 12, 60, 70], [50, 40, 120, 110]]))
+        inst.gt_classes = torch.tensor([0, 3])
+        if mask_on:
+            inst.gt_masks = PolygonMasks(
+                [[[10.0, 12, 60, 12, 35, 70]], [[50.0, 40, 120, 40, 120, 110, 50, 110]]]
+            )
+        image = torch.rand(3, size, size) * 255
+        batch.append({"image": image, "instances": inst, "height": size, "width": size})
+    return batch

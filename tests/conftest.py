@@ -1,6 +1,8 @@
-"""Shared pytest setup: the reference implementations in this folder are importable, and op tests
-can opt into `op_test_env` (e.g. ``pytestmark = pytest.mark.usefixtures("op_test_env")``)."""
+"""Shared pytest setup: this folder is importable (``reference_ops``, ``builders``, ``crash_guard``),
+the process-wide state a test may change is put back after it, and op tests can opt into
+``op_test_env`` (``pytestmark = pytest.mark.usefixtures("op_test_env")``)."""
 
+import contextlib
 import os
 import sys
 
@@ -10,24 +12,47 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+def _global_state():
+    return {
+        "threads": torch.get_num_threads(),
+        "deterministic": (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
+        "default_dtype": torch.get_default_dtype(),
+        "grad_enabled": torch.is_grad_enabled(),
+        "environ": dict(os.environ),
+    }
+
+
+@contextlib.contextmanager
+def global_state_restored():
+    """Thread count, deterministic-algorithms mode, default dtype, grad mode and environment
+    variables are put back as they were on entry, whatever the body changed."""
+    before = _global_state()
+    try:
+        yield
+    finally:
+        if _global_state() != before:
+            torch.set_num_threads(before["threads"])
+            mode, warn_only = before["deterministic"]
+            torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+            torch.set_default_dtype(before["default_dtype"])
+            torch.set_grad_enabled(before["grad_enabled"])
+            for key in set(os.environ) - set(before["environ"]):
+                del os.environ[key]
+            os.environ.update(before["environ"])
+
+
+@pytest.fixture(autouse=True)
+def restore_global_state():
+    with global_state_restored():
+        yield
+
+
 @pytest.fixture
 def op_test_env():
     """Fixed seed and one intra-op thread: the op tests use tiny tensors, for which OpenMP start-up
     dominates on a busy machine. Tests of the multi-threaded kernels call torch.set_num_threads(2)."""
     torch.manual_seed(0)
-    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# The seed table's configs and their plain twins, shared by the config and modeling tests.
-SEED_CONFIGS = [
-    "faster_rcnn_R50_FPN.yaml",
-    "faster_rcnn_R50_FPN_mdconv.yaml",
-    "faster_rcnn_R50_FPN_mdconv_dg4.yaml",
-    "faster_rcnn_R50_FPN_mdpool.yaml",
-    "mask_rcnn_R50_FPN.yaml",
-    "mask_rcnn_R50_FPN_mdconv.yaml",
-    "mask_rcnn_R50_FPN_mdconv_fp16.yaml",
-]

@@ -18,7 +18,6 @@ one rounding into the leaf's dtype.
 
 import pytest
 import torch
-from test_modeling import CONFIG_DIR, _batch, build  # noqa: E402  (seed configs, CPU size)
 
 from projects_dcnv2.layers import (
     WITH_CUDA,
@@ -27,6 +26,8 @@ from projects_dcnv2.layers import (
     deform_roi_pool,
     modulated_deform_conv2d,
 )
+
+from builders import SMALL, make_cfg, make_model, training_batch
 
 pytestmark = pytest.mark.usefixtures("op_test_env")  # seed, one thread (conftest.py)
 
@@ -185,18 +186,8 @@ def test_modulated_deform_roi_pool_pack_under_autocast(device, dtype):
 
 # ------------------------------------------------------------------------------- a whole model
 def test_fp16_seed_config_enables_amp():
-    from detectron2.config import get_cfg
-
-    from projects_dcnv2 import add_dcnv2_config
-
-    enabled = {}
-    for name in ("mask_rcnn_R50_FPN_mdconv_fp16.yaml", "mask_rcnn_R50_FPN_mdconv.yaml"):
-        cfg = get_cfg()
-        add_dcnv2_config(cfg)
-        cfg.merge_from_file(str(CONFIG_DIR / name))
-        enabled[name] = cfg.SOLVER.AMP.ENABLED
-    assert enabled["mask_rcnn_R50_FPN_mdconv_fp16.yaml"]
-    assert not enabled["mask_rcnn_R50_FPN_mdconv.yaml"]
+    assert make_cfg("mask_rcnn_R50_FPN_mdconv_fp16").SOLVER.AMP.ENABLED
+    assert not make_cfg("mask_rcnn_R50_FPN_mdconv").SOLVER.AMP.ENABLED
 
 
 def test_fp16_model_trains_one_cpu_step_under_bfloat16_autocast():
@@ -208,14 +199,14 @@ def test_fp16_model_trains_one_cpu_step_under_bfloat16_autocast():
         "MODEL.RESNETS.WIDTH_PER_GROUP", "32", "MODEL.FPN.OUT_CHANNELS", "64",
         "MODEL.ROI_BOX_HEAD.FC_DIM", "256", "MODEL.ROI_MASK_HEAD.CONV_DIM", "64",
     ]  # fmt: skip
-    cfg, model = build("mask_rcnn_R50_FPN_mdconv_fp16.yaml", half_width)
+    _, model = make_model("mask_rcnn_R50_FPN_mdconv_fp16", *SMALL, *half_width)
     model.train()
     seen = []  # dtype of each mdconv output (the input of the norm that follows it)
     for m in model.modules():
         if hasattr(m, "conv2_offset"):
             m.conv2.norm.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].dtype))
     with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = model(_batch(True, size=64))
+        losses = model(training_batch(True, size=64))
     assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
     for key, value in losses.items():
         assert torch.isfinite(value), key

@@ -1,17 +1,14 @@
 """Bad data: unreadable images and invalid annotations raise errors naming the image file
 (train_net.py's loader, projects_dcnv2/data/checks.py); images without instances and degenerate
-boxes train with finite losses or fail clearly; RoIs far outside the image, huge offsets and NaN
-inputs give the right result or a clear error.
+boxes train with finite losses or fail clearly; a NaN image stops training with a clear error.
 
-Op-level non-finite cases live elsewhere: NaN offsets and feature maps in test_nonfinite.py,
-offsets of +-50, +-1e30 and +-inf in test_mdconv.py / test_deform_roi_pool.py
-(``test_far_outside_offsets_give_bias_only``, ``test_extreme_offsets_sample_zero``), RoIs
-crossing the border in ``test_gradcheck_float64_border_rois``.
+The ops' own hostile inputs (RoIs far outside the image, huge, infinite and NaN offsets, NaN
+feature maps) are tested with each op, in test_mdconv.py and test_deform_roi_pool.py; the mdpool
+pooler's far-outside boxes in test_modeling.py.
 """
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,40 +16,26 @@ import pytest
 import torch
 from PIL import Image
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from detectron2.modeling import build_model
-from detectron2.structures import Boxes, BoxMode
+from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 
-from projects_dcnv2 import add_dcnv2_config
 from projects_dcnv2.data.checks import BadRecordError, CheckedMapper, check_record
-from projects_dcnv2.layers import ModulatedDeformConv2dPack, deform_roi_pool
-from projects_dcnv2.modeling import MDPoolROIPooler
+from projects_dcnv2.engine import DCNv2Trainer
 
-from reference_ops import deform_roi_pool_ref
+from builders import SMALL, make_cfg, make_model
 
 pytestmark = pytest.mark.usefixtures("op_test_env")  # seed, one thread (conftest.py)
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs/quick_schedules/mask_rcnn_R50_FPN_mdconv_shapes.yaml"
-SIZE = 64
+CONFIG = "quick_schedules/mask_rcnn_R50_FPN_mdconv_shapes.yaml"
+SIZE = 64  # the images; SMALL trains at 64 px
 GOOD = [
     {"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 30], "area": 600,
      "iscrowd": 0, "segmentation": [[5, 5, 25, 5, 25, 35]]},
     {"id": 2, "image_id": 2, "category_id": 3, "bbox": [10, 12, 30, 20], "area": 600,
      "iscrowd": 0, "segmentation": [[10, 12, 40, 12, 40, 32]]},
 ]  # fmt: skip
-
-
-def _trainer_class():
-    sys.path.insert(0, str(REPO))
-    try:
-        from train_net import Trainer
-    finally:
-        sys.path.remove(str(REPO))
-    return Trainer
 
 
 @pytest.fixture(scope="module")
@@ -96,30 +79,18 @@ def dataset(image_dir, tmp_path, request):
 
 
 def _cfg(dataset_name, *opts):
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(str(CONFIG))
-    cfg.merge_from_list(
-        [
-            "DATASETS.TRAIN", f"('{dataset_name}',)", "DATALOADER.NUM_WORKERS", "0",
-            "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", f"({SIZE},)",
-            "INPUT.MAX_SIZE_TRAIN", f"{SIZE}", "INPUT.RANDOM_FLIP", "none",
-            "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-            *opts,
-        ]
-    )  # fmt: skip
-    return cfg
+    return make_cfg(
+        CONFIG, *SMALL, "DATASETS.TRAIN", f"('{dataset_name}',)", "INPUT.RANDOM_FLIP", "none", *opts
+    )
 
 
 def _first_batch(cfg):
-    return next(iter(_trainer_class().build_train_loader(cfg)))
+    return next(iter(DCNv2Trainer.build_train_loader(cfg)))
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = _cfg("unused")
-    torch.manual_seed(0)
-    return build_model(cfg).train()
+    return make_model(CONFIG, *SMALL)[1].train()
 
 
 def _assert_trains(model, batch):
@@ -258,68 +229,6 @@ def test_mapper_keeping_a_zero_width_box_is_a_clear_error(dataset, model):
     assert not torch.isfinite(losses["loss_rpn_loc"])  # what the check prevents
     with pytest.raises(BadRecordError, match=r"a.png \(image_id 1\): the mapper kept a degenerate"):
         CheckedMapper(KeepEverything(cfg, True))(copy.deepcopy(record))
-
-
-# -------------------------------------------------------------------------- the ops and layers
-def test_rois_far_outside_the_image_pool_zeros():
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 10, 12, dtype=torch.float64, requires_grad=True)
-    rois = torch.tensor(
-        [
-            [0, 1000.0, 1000, 1030, 1020],  # beyond the bottom-right corner
-            [1, -500.0, -400, -470, -380],  # beyond the top-left corner
-            [0, 5000.0, -5000, 5040, -4970],
-            [1, -30.0, 4, 10, 18],  # straddling the left border: partly inside
-        ],
-        dtype=torch.float64,
-    )
-    offset = ((torch.rand(4, 2, 3, 3, dtype=torch.float64) - 0.5) * 0.6).requires_grad_()
-    args = (rois, offset, 3, 0.5, 2, 0.1)
-    out = deform_roi_pool(x, *args)
-    expected = deform_roi_pool_ref(x, *args)
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
-    assert torch.count_nonzero(out[:3]) == 0 and torch.count_nonzero(out[3]) > 0
-    grad_x, grad_offset = torch.autograd.grad(out[:3].sum(), (x, offset))
-    assert torch.count_nonzero(grad_x) == 0 and torch.count_nonzero(grad_offset) == 0
-
-
-def test_mdpool_pooler_with_boxes_far_outside_the_image():
-    torch.manual_seed(0)
-    pooler = MDPoolROIPooler(7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 4, deform_fc_dim=16)
-    features = [torch.randn(1, 4, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
-    boxes = Boxes(torch.tensor([[900.0, 900, 940, 960], [-3000, -3000, -2000, -2000]]))
-    out = pooler(features, [boxes])
-    assert out.shape == (2, 4, 7, 7) and torch.count_nonzero(out) == 0
-
-
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_pack_with_huge_offsets_outputs_its_bias(sign):
-    """Offsets of 1e4 put every sample outside: the output is the bias, every gradient finite and
-    (but the bias's) zero."""
-    torch.manual_seed(0)
-    pack = ModulatedDeformConv2dPack(4, 3, 3, padding=1, deformable_groups=2)
-    n = 2 * pack.deformable_groups * pack.num_taps
-    with torch.no_grad():
-        pack.conv_offset.bias[:n] = sign * 1e4
-        pack.bias.normal_()
-    x = torch.randn(2, 4, 6, 5, requires_grad=True)
-    out = pack(x)
-    assert torch.equal(out, pack.bias.view(1, -1, 1, 1).expand_as(out))
-    out.square().sum().backward()
-    for name, p in [("input", x), *pack.named_parameters()]:
-        assert torch.isfinite(p.grad).all(), name
-        assert name == "bias" or torch.count_nonzero(p.grad) == 0, name
-
-
-def test_pack_nan_input_propagates():
-    """A NaN pixel reaches the offset predictor and the samples: NaN out, never a silent 0."""
-    torch.manual_seed(0)
-    pack = ModulatedDeformConv2dPack(2, 2, 3, padding=1)
-    x = torch.randn(1, 2, 7, 7)
-    x[0, 1, 3, 3] = float("nan")
-    nan = torch.isnan(pack(x))
-    assert nan[0, :, 3, 3].all()  # the centre tap of this position samples the NaN
-    assert not nan[0, :, 0, 0].any()  # far enough away, the NaN is not sampled
 
 
 def test_nan_image_stops_training_with_a_clear_error(dataset, model):

@@ -1,9 +1,9 @@
 """Every config in configs/ merges after add_dcnv2_config and builds a model (CPU, build only)."""
 
+import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from detectron2.config import get_cfg
 from detectron2.modeling import (
@@ -16,18 +16,17 @@ from detectron2.modeling import (
 import projects_dcnv2  # noqa: F401  (registers the builders)
 from projects_dcnv2 import add_dcnv2_config
 
-from conftest import SEED_CONFIGS  # noqa: E402  (the configs of the seed table and their plain twins)
+from builders import CONFIG_DIR, PLAIN_TWINS, QUICK, SEED_CONFIGS, config_path, make_cfg, make_model
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
-
-
-def load_config(path, opts=()):
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(str(path))
-    cfg.merge_from_list(list(opts))
-    return cfg
+# MMDetection's DCNv2 results table (the seed table), by model-zoo name.
+SEED_TABLE = {
+    "faster_rcnn_r50_fpn_mdconv_c3-c5_1x_coco",
+    "faster_rcnn_r50_fpn_mdconv_c3-c5_group4_1x_coco",
+    "faster_rcnn_r50_fpn_mdpool_1x_coco",
+    "mask_rcnn_r50_fpn_mdconv_c3-c5_1x_coco",
+    "mask_rcnn_r50_fpn_fp16_mdconv_c3-c5_1x_coco",
+}
 
 
 def test_import_registers_builders():
@@ -50,9 +49,15 @@ def test_add_dcnv2_config_adds_only_new_keys():
 
 
 def test_every_seed_config_is_present():
-    names = {p.name for p in CONFIGS}
-    assert set(SEED_CONFIGS) <= names
-    quick = {p.name for p in (CONFIG_DIR / "quick_schedules").glob("*.yaml")}
+    """Each row of the seed table has one config naming it (which is how builders.SEED_CONFIGS
+    finds them), and both plain twins exist."""
+    named = [
+        re.search(r"MMDetection ([\w-]+_coco):", Path(config_path(n)).read_text())[1]
+        for n in SEED_CONFIGS
+    ]
+    assert sorted(named) == sorted(SEED_TABLE)
+    assert PLAIN_TWINS == ["faster_rcnn_R50_FPN", "mask_rcnn_R50_FPN"]
+    quick = {p.name for p in QUICK.glob("*.yaml")}
     assert {
         "mask_rcnn_R50_FPN_mdconv_shapes.yaml",
         "mask_rcnn_R50_FPN_shapes.yaml",
@@ -65,18 +70,16 @@ def test_every_seed_config_is_present():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_config_merges_and_builds(path):
     # Reduced proposal counts; construction does not depend on the input size.
-    cfg = load_config(path, ["MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"])
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    cfg, model = make_model(path, "MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TEST", "50")
     assert (
         model.roi_heads.box_predictor.cls_score.out_features == cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1
     )
     assert hasattr(model.roi_heads, "mask_head") == cfg.MODEL.MASK_ON
 
 
-@pytest.mark.parametrize("name", SEED_CONFIGS)
+@pytest.mark.parametrize("name", SEED_CONFIGS + PLAIN_TWINS)
 def test_seed_configs_follow_the_mmdetection_recipe(name):
-    cfg = load_config(CONFIG_DIR / name)
+    cfg = make_cfg(name)
     assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
     assert cfg.INPUT.FORMAT == "RGB"
     assert cfg.MODEL.PIXEL_MEAN == [123.675, 116.28, 103.53]
@@ -111,9 +114,12 @@ def test_base_paths_stay_inside_configs():
 
 
 def test_dcnv1_request_is_refused():
-    cfg = load_config(
-        CONFIG_DIR / "faster_rcnn_R50_FPN_mdconv.yaml",
-        ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEFORM_MODULATED", "False"],
+    cfg = make_cfg(
+        "faster_rcnn_R50_FPN_mdconv",
+        "MODEL.DEVICE",
+        "cpu",
+        "MODEL.RESNETS.DEFORM_MODULATED",
+        "False",
     )
     with pytest.raises(ValueError, match="DEFORM_MODULATED"):
         build_model(cfg)

@@ -289,6 +289,44 @@ def test_extreme_offsets_sample_zero(value):
         assert torch.count_nonzero(g) == 0, f"grad {name} should be zero"
 
 
+def test_nan_offset_propagates_to_its_bin_only():
+    x = torch.randn(1, 2, 10, 10, dtype=torch.float64)
+    rois = torch.tensor([[0, 1.0, 1.0, 8.0, 8.0]], dtype=torch.float64)
+    offset = torch.zeros(1, 2, 3, 3, dtype=torch.float64)
+    offset[0, 0, 1, 2] = float("nan")
+    nan = torch.isnan(deform_roi_pool(x, rois, offset, 3))
+    assert nan[0, :, 1, 2].all() and nan.sum() == nan.shape[1]
+
+
+def test_nan_feature_map_propagates_to_the_bins_sampling_it():
+    """One sample per bin, at 0.5 + 2 * bin over a 10 x 10 map: only bin (2, 2) reads pixel (5, 5)."""
+    x = torch.zeros(1, 1, 10, 10, dtype=torch.float64)
+    x[0, 0, 5, 5] = float("nan")
+    rois = torch.tensor([[0, 0.0, 0, 10, 10], [0, 0.0, 0, 3, 3]], dtype=torch.float64)
+    nan = torch.isnan(deform_roi_pool(x, rois, None, 5, 1.0, 1))
+    assert nan[0, 0, 2, 2] and nan.sum() == 1
+
+
+def test_rois_far_outside_the_image_pool_zeros():
+    x = torch.randn(2, 3, 10, 12, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor(
+        [
+            [0, 1000.0, 1000, 1030, 1020],  # beyond the bottom-right corner
+            [1, -500.0, -400, -470, -380],  # beyond the top-left corner
+            [0, 5000.0, -5000, 5040, -4970],
+            [1, -30.0, 4, 10, 18],  # straddling the left border: partly inside
+        ],
+        dtype=torch.float64,
+    )
+    offset = ((torch.rand(4, 2, 3, 3, dtype=torch.float64) - 0.5) * 0.6).requires_grad_()
+    args = (rois, offset, 3, 0.5, 2, 0.1)
+    out = deform_roi_pool(x, *args)
+    assert_same(out, deform_roi_pool_ref(x, *args), 1e-10, 1e-10, "output")
+    assert torch.count_nonzero(out[:3]) == 0 and torch.count_nonzero(out[3]) > 0
+    grad_x, grad_offset = torch.autograd.grad(out[:3].sum(), (x, offset))
+    assert torch.count_nonzero(grad_x) == 0 and torch.count_nonzero(grad_offset) == 0
+
+
 def test_int_and_pair_output_size_agree():
     case = CASES[0]
     x, rois, off = make_inputs(case, requires_grad=False)

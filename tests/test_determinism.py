@@ -1,5 +1,8 @@
 """Determinism: CPU gradients are deterministic (and allowed under use_deterministic_algorithms);
-CUDA backward passes, which accumulate input gradients with atomics, raise PyTorch's standard error."""
+CUDA backward passes, which accumulate input gradients with atomics, raise PyTorch's standard error.
+The thread count and deterministic mode these tests set are put back by conftest.py, checked last."""
+
+import os
 
 import pytest
 import torch
@@ -30,16 +33,9 @@ def _pool_grads(device):
     return [x.grad.clone(), offset.grad.clone()]
 
 
-@pytest.fixture
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 @pytest.mark.parametrize("grads", [_conv_grads, _pool_grads], ids=["mdconv", "deform_roi_pool"])
-def test_cpu_backward_is_deterministic(grads, deterministic):
+def test_cpu_backward_is_deterministic(grads):
+    torch.use_deterministic_algorithms(True)
     torch.set_num_threads(2)
     first, second = grads("cpu"), grads("cpu")
     for a, b in zip(first, second):
@@ -50,6 +46,23 @@ def test_cpu_backward_is_deterministic(grads, deterministic):
     not torch.cuda.is_available(), reason="CUDA not available: CUDA determinism test skipped"
 )
 @pytest.mark.parametrize("grads", [_conv_grads, _pool_grads], ids=["mdconv", "deform_roi_pool"])
-def test_cuda_backward_raises_under_deterministic_mode(grads, deterministic):
+def test_cuda_backward_raises_under_deterministic_mode(grads):
+    torch.use_deterministic_algorithms(True)
     with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
         grads("cuda")
+
+
+def test_conftest_restores_the_global_state():
+    """What the tests above change (and a default dtype, grad mode, environment variables) comes back."""
+    from conftest import _global_state, global_state_restored
+
+    before = _global_state()
+    with global_state_restored():
+        torch.set_num_threads(before["threads"] + 1)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_default_dtype(torch.float64)
+        torch.set_grad_enabled(False)
+        os.environ["DCNV2_STATE_PROBE"] = "1"
+        os.environ.pop("PATH")
+        assert _global_state() != before
+    assert _global_state() == before

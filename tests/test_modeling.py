@@ -1,19 +1,14 @@
 """DCNv2 backbone blocks, the mdpool pooler, and one CPU training / inference step per seed
 config at a reduced input size."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from detectron2.config import get_cfg
-from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BottleneckBlock
-from detectron2.structures import Boxes, Instances, PolygonMasks
+from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
-from projects_dcnv2 import add_dcnv2_config
 from projects_dcnv2.layers import ModulatedDeformRoIPoolPack
 from projects_dcnv2.modeling import (
     MDPoolROIPooler,
@@ -21,31 +16,17 @@ from projects_dcnv2.modeling import (
     ModulatedDeformBottleneckBlock,
 )
 
-from conftest import SEED_CONFIGS  # noqa: E402  (the configs of the seed table and their plain twins)
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-# Small enough for a CPU step; the architecture is unchanged.
-SMALL = [
-    "MODEL.DEVICE", "cpu",
-    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "64",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
-]  # fmt: skip
+from builders import PLAIN_TWINS, SEED_CONFIGS, SMALL, make_model, training_batch
 
 
-def build(name, opts=()):
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(str(CONFIG_DIR / name))
-    cfg.merge_from_list(SMALL + list(opts))
-    torch.manual_seed(0)
-    return cfg, build_model(cfg)
+def build(name, *opts):
+    """A seed config's model at full width (the architecture under test), small run-time knobs."""
+    return make_model(name, *SMALL, *opts)
 
 
 # --------------------------------------------------------------------------------- backbone
 @pytest.mark.parametrize(
-    "name, dg", [("faster_rcnn_R50_FPN_mdconv.yaml", 1), ("faster_rcnn_R50_FPN_mdconv_dg4.yaml", 4)]
+    "name, dg", [("faster_rcnn_R50_FPN_mdconv", 1), ("faster_rcnn_R50_FPN_mdconv_dg4", 4)]
 )
 def test_mdconv_r50_has_13_deformable_blocks_in_c3_c5(name, dg):
     _, model = build(name)
@@ -134,7 +115,7 @@ def test_deformable_basic_block_shapes_and_keys():
 
 # ----------------------------------------------------------------------------------- mdpool
 def test_mdpool_model_has_one_deformable_pool_per_level():
-    _, model = build("faster_rcnn_R50_FPN_mdpool.yaml")
+    _, model = build("faster_rcnn_R50_FPN_mdpool")
     pooler = model.roi_heads.box_pooler
     assert isinstance(pooler, MDPoolROIPooler)
     assert len(pooler.level_poolers) == 4
@@ -189,6 +170,13 @@ def test_mdpool_pooler_handles_zero_boxes():
     assert pooler([f[:0] for f in x], []).shape == (0, 4, 7, 7)  # no image at all
 
 
+def test_mdpool_pooler_with_boxes_far_outside_the_image():
+    pooler, x = _small_pooler(), _pyramid(1, 64)
+    boxes = Boxes(torch.tensor([[900.0, 900, 940, 960], [-3000, -3000, -2000, -2000]]))
+    out = pooler(x, [boxes])
+    assert out.shape == (2, 4, 7, 7) and torch.count_nonzero(out) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
 def test_mdpool_pooler_pools_float64_as_is_and_half_in_float32(dtype):
     """Half precision features are pooled in float32 (MMDetection's force_fp32); a float64 model
@@ -205,31 +193,9 @@ def test_mdpool_pooler_pools_float64_as_is_and_half_in_float32(dtype):
 
 
 # ------------------------------------------------------------------ training and inference
-def _batch(mask_on, size=128):
-    torch.manual_seed(1)
-    batch = []
-    for _ in range(2):
-        inst = Instances((size, size))
-        inst.gt_boxes = Boxes(torch.tensor([[10.0, 12, 60, 70], [50, 40, 120, 110]]))
-        inst.gt_classes = torch.tensor([0, 3])
-        if mask_on:
-            inst.gt_masks = PolygonMasks(
-                [[[10.0, 12, 60, 12, 35, 70]], [[50.0, 40, 120, 40, 120, 110, 50, 110]]]
-            )
-        batch.append(
-            {
-                "image": torch.rand(3, size, size) * 255,
-                "instances": inst,
-                "height": size,
-                "width": size,
-            }
-        )
-    return batch
-
-
-@pytest.mark.parametrize("name", SEED_CONFIGS)
+@pytest.mark.parametrize("name", SEED_CONFIGS + PLAIN_TWINS)
 def test_one_training_step_and_inference(name):
-    cfg, model = build(name, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    cfg, model = build(name)
     seen_levels = set()
     if "mdpool" in name:
         for level, layer in enumerate(model.roi_heads.box_pooler.level_poolers):
@@ -238,7 +204,7 @@ def test_one_training_step_and_inference(name):
             )
     model.train()
     with EventStorage():
-        losses = model(_batch(cfg.MODEL.MASK_ON))
+        losses = model(training_batch(cfg.MODEL.MASK_ON))
     assert ("loss_mask" in losses) == cfg.MODEL.MASK_ON
     for key, value in losses.items():
         assert torch.isfinite(value), key
