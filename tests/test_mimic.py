@@ -1,64 +1,54 @@
 """R-CNN feature mimicking (projects_dcnv2/modeling/mimic.py): the losses, the RoI sampling, the
-crops, where the gradients go, inference without the branch, and checkpoints.
+crops, the pairing of the two features, where the gradients go, inference without the branch, and
+checkpoints.
 
 The losses are checked against numbers computed by hand; the crops against ``grid_sample`` (the
-branch uses ``roi_align``); the model-level tests use the paper-complete configs with narrow
-widths (every layer kept) on 64-pixel images.
+branch uses ``roi_align``). The paper-geometry tests run one training step of the paper-complete
+config (narrow widths, every layer kept) with the paper's 224-px crops on 128-px images and fixed
+proposals of known IoU: there the detector's RoIs pool from P2 and P3 and the crops from P4 alone,
+so each side of the branch can be told apart.
 """
 
 import json
 import logging
 import math
 import re
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.modeling import build_model
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 import projects_dcnv2  # noqa: F401  (registers MimicRCNN / MimicROIHeads)
-from projects_dcnv2 import load_dcnv2_config
 from projects_dcnv2.checkpoint import DCNv2Checkpointer, convert_d2_to_mmdet
 from projects_dcnv2.modeling import mimic
 from projects_dcnv2.modeling.mimic import (
+    GT_BOX_FIELD,
     RCNNMimicBranch,
     crop_rois,
     mimic_cosine_loss,
     sample_foreground_proposals,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from builders import NARROW, SMALL, make_cfg, make_model
+
 SIZE = 64
-# Narrow widths (every key name kept), few proposals, a CPU-sized branch.
-SMALL = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", 8,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
-    "MODEL.RESNETS.WIDTH_PER_GROUP", 8,
-    "MODEL.BACKBONE.FREEZE_AT", 0,
-    "MODEL.FPN.OUT_CHANNELS", 16,
-    "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
-    "MODEL.ROI_BOX_HEAD.MDPOOL.DEFORM_FC_DIM", 32,
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", 8,
-    "MODEL.ROI_HEADS.NUM_CLASSES", 4,
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 100, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 32,
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", 50, "MODEL.RPN.POST_NMS_TOPK_TEST", 10,
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
-    "INPUT.MIN_SIZE_TEST", SIZE, "INPUT.MAX_SIZE_TEST", SIZE,
-]  # fmt: skip
-BRANCH = ["MODEL.ROI_BOX_HEAD.MIMIC.ROIS_PER_IMAGE", 2, "MODEL.ROI_BOX_HEAD.MIMIC.CROP_SIZE", 32]
+# Narrow widths, 4 classes, every backbone stage trained; a CPU-sized branch (2 RoIs x 32 px).
+OPTS = [*SMALL, *NARROW, "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.ROI_HEADS.NUM_CLASSES", "4"]
+BRANCH = [
+    "MODEL.ROI_BOX_HEAD.MIMIC.ROIS_PER_IMAGE",
+    "2",
+    "MODEL.ROI_BOX_HEAD.MIMIC.CROP_SIZE",
+    "32",
+]
 
 
 def build(name, *opts, seed=0):
-    cfg = load_dcnv2_config(str(CONFIG_DIR / f"{name}.yaml"), SMALL + BRANCH + list(opts))
-    torch.manual_seed(seed)
-    return build_model(cfg)
+    return make_model(name, *OPTS, *BRANCH, *opts, seed=seed)[1]
 
 
 def perturb(model, seed=0):
@@ -71,28 +61,40 @@ def perturb(model, seed=0):
     return model
 
 
-def batch(with_objects=(True, True)):
-    g = torch.Generator().manual_seed(1)
-    boxes = [[[4.0, 6, 30, 40], [30, 20, 60, 58]], [[10.0, 10, 50, 34]]]
-    classes = [[0, 3], [2]]
-    out = []
-    for b, c, keep in zip(boxes, classes, with_objects):
-        inst = Instances((SIZE, SIZE))
-        inst.gt_boxes = Boxes(torch.tensor(b if keep else [], dtype=torch.float32).view(-1, 4))
-        inst.gt_classes = torch.tensor(c if keep else [], dtype=torch.int64)
-        inst.gt_masks = _box_masks(inst.gt_boxes)
-        image = torch.rand(3, SIZE, SIZE, generator=g) * 255
-        out.append({"image": image, "instances": inst, "height": SIZE, "width": SIZE})
-    return out
-
-
-def _box_masks(boxes):
-    from detectron2.structures import BitMasks
-
-    masks = torch.zeros(len(boxes), SIZE, SIZE, dtype=torch.bool)
+def _box_masks(boxes, size):
+    masks = torch.zeros(len(boxes), size, size, dtype=torch.bool)
     for m, (x1, y1, x2, y2) in zip(masks, boxes.tensor.round().long().tolist()):
         m[y1:y2, x1:x2] = True
     return BitMasks(masks)
+
+
+def _inputs(boxes, classes, size, proposals=None):
+    """Model inputs: random images, ground truth (with box-shaped masks), optional proposals."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i, (b, c) in enumerate(zip(boxes, classes)):
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.tensor(b, dtype=torch.float32).view(-1, 4))
+        inst.gt_classes = torch.tensor(c, dtype=torch.int64)
+        inst.gt_masks = _box_masks(inst.gt_boxes, size)
+        image = torch.rand(3, size, size, generator=g) * 255
+        out.append({"image": image, "instances": inst, "height": size, "width": size})
+        if proposals is not None:
+            p = Instances((size, size), proposal_boxes=Boxes(torch.tensor(proposals[i])))
+            p.objectness_logits = torch.zeros(len(p))
+            out[-1]["proposals"] = p
+    return out
+
+
+def batch(with_objects=(True, True)):
+    boxes = [[[4.0, 6, 30, 40], [30, 20, 60, 58]], [[10.0, 10, 50, 34]]]
+    classes = [[0, 3], [2]]
+    keep = list(with_objects)
+    return _inputs(
+        [b if k else [] for b, k in zip(boxes, keep)],
+        [c if k else [] for c, k in zip(classes, keep)],
+        SIZE,
+    )
 
 
 def count_calls(module):
@@ -143,15 +145,26 @@ def test_branch_losses_weights_and_normalisation():
         branch.cls_score.weight.copy_(torch.eye(5, 4))
         branch.cls_score.bias.zero_()
     images = ImageList(torch.zeros(2, 3, SIZE, SIZE), [(SIZE, SIZE)] * 2)
+    asked = []  # the boxes the pooler is asked for, per call
+
+    def pooler(feats, boxes):
+        asked.append([b.tensor.tolist() for b in boxes])
+        return feats[0]
+
     losses = branch(
         images,
         [f_frcnn],
         proposals,
         backbone=lambda crops: {"p2": f_rcnn[: len(crops)]},
         in_features=["p2"],
-        box_pooler=lambda feats, boxes: feats[0],
+        box_pooler=pooler,
         box_head=nn.Identity(),
     )
+    # The image side pools the sampled RoIs; the crop side one whole crop (0, 0, S, S) per RoI.
+    boxes = [p.proposal_boxes.tensor.tolist() for p in proposals]
+    image_side = [[boxes[0][0], boxes[0][2]], [boxes[1][1]]]
+    crop_side = [[[0.0, 0.0, 32.0, 32.0]]] * 3
+    assert len(asked) == 2 and image_side in asked and crop_side in asked
     normaliser = per_image * 2
     assert losses["loss_mimic"].item() == pytest.approx(0.1 * 1.04 / normaliser, rel=1e-6)
 
@@ -167,15 +180,20 @@ def test_branch_losses_weights_and_normalisation():
 # Sampling.
 
 
-def test_sampling_keeps_only_foreground_at_most_the_budget():
+def test_sampling_keeps_only_foreground_proposals_at_most_the_budget():
     num_classes = 4
-    classes = [[4, 0, 4, 1, 2, 3, 3, 4, 0], [4, 4, 2], [4, 4]]
+    classes = [[4, 0, 4, 1, 2, 3, 3, 4, 0], [4, 4, 2, 1], [4, 4]]
     proposals = _proposals(classes, num_classes)
+    # Image 1's class-1 entry is an appended ground-truth box: never sampled.
+    for p, gt in zip(proposals, [[], [3], []]):
+        p.set(GT_BOX_FIELD, torch.zeros(len(p), dtype=torch.bool))
+        p.get(GT_BOX_FIELD)[gt] = True
     seen = set()
     for seed in range(20):
         torch.manual_seed(seed)
         sampled = sample_foreground_proposals(proposals, num_classes, max_per_image=3)
         assert [len(s) for s in sampled] == [3, 1, 0]
+        assert sampled[1].gt_classes.tolist() == [2]
         for s, p in zip(sampled, proposals):
             assert bool((s.gt_classes < num_classes).all())
             rows = {tuple(b) for b in s.proposal_boxes.tensor.tolist()}
@@ -242,75 +260,249 @@ def test_crop_equals_an_independent_bilinear_resize():
         torch.testing.assert_close(crop, _grid_sample_crop(images[i], box.tolist(), 224))
 
 
-def test_model_crops_the_normalised_image_at_the_sampled_rois(monkeypatch):
-    """The crops the backbone sees are the sampled RoIs of (image - PIXEL_MEAN) / PIXEL_STD,
-    resized to CROP_SIZE (the paper's 224 here)."""
-    model = build("faster_rcnn_R50_FPN_dcnv2_mimic", "MODEL.ROI_BOX_HEAD.MIMIC.CROP_SIZE", 224)
-    model.train()
-    recorded = []
-    original = mimic.crop_rois
+# ------------------------------------------------------------------------------------------------
+# The paper's geometry: 224-px crops, pooled from P4. 128-px images with fixed proposals of known
+# IoU (Detectron2's "PrecomputedProposals" in place of the RPN) and a RoI budget above the number of
+# foreground proposals, so that the branch samples all of them.
+
+GEO, CROP, BUDGET = 128, 224, 8
+GEO_GT_BOXES = [[[8.0, 8, 124, 120]], [[10.0, 14, 60, 70], [70, 60, 118, 110]]]
+GEO_GT_CLASSES = [[1], [3, 2]]
+GEO_PROPOSALS = [  # max IoU with a ground-truth box; FPN level P2 unless said
+    [
+        [2.0, 8, 118, 120],  # 0.90, P3
+        [8.0, 3, 124, 115],  # 0.91, P3
+        [13.8, 13.6, 118.2, 114.4],  # 0.81
+        [24.24, 23.68, 107.76, 104.32],  # 0.52
+        [28.3, 27.6, 103.7, 100.4],  # 0.42: foreground at an IoU threshold of 0.3, not at 0.5
+        [37.0, 36, 95, 92],  # 0.25
+        [100.0, 100, 128, 128],  # 0.04
+        [0.0, 0, 30, 30],  # 0.04
+    ],
+    [
+        [22.5, 14, 72.5, 70],  # 0.60
+        [15.0, 19.6, 55, 64.4],  # 0.64
+        [65.2, 55, 122.8, 115],  # 0.69
+        [10.0, 38, 60, 94],  # 0.40
+        [50.0, 60, 98, 110],  # 0.41
+        [0.0, 100, 30, 128],  # 0
+        [90.0, 0, 128, 30],  # 0
+    ],
+]
+FIXED_PROPOSALS = [
+    "MODEL.LOAD_PROPOSALS",
+    "True",
+    "MODEL.PROPOSAL_GENERATOR.NAME",
+    "PrecomputedProposals",
+]
+GEO_OPTS = [
+    *FIXED_PROPOSALS,
+    "MODEL.ROI_BOX_HEAD.MIMIC.ROIS_PER_IMAGE", str(BUDGET),
+    "MODEL.ROI_BOX_HEAD.MIMIC.CROP_SIZE", str(CROP),
+]  # fmt: skip
+
+
+def geometry_inputs():
+    return _inputs(GEO_GT_BOXES, GEO_GT_CLASSES, GEO, GEO_PROPOSALS)
+
+
+def fpn_level(boxes):
+    """FPN level (2 = P2) of each (x1, y1, x2, y2) row: floor(4 + log2(sqrt(area) / 224)) clamped
+    to [2, 5] (Lin et al. 2017, eq. 1, with Detectron2's canonical 224 px at level 4)."""
+    side = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+    return torch.floor(4 + torch.log2(side / 224 + 1e-8)).clamp(2, 5).long()
+
+
+@pytest.fixture(scope="module")
+def paper_geometry():
+    """One training step of the paper-complete Faster R-CNN config with mimicking at 224 px.
+    Records the backbone's inputs and outputs, every box-pooler call (feature-map shapes, boxes,
+    and the RoIs each level's mdpool received), the box head's outputs, and the boxes the branch
+    cropped; the losses keep their graph."""
+    # float64: the references below run the crops as another batch, and a deformable ResNet's
+    # float32 rounding differs by 0.1% between batch sizes.
+    model = perturb(build("faster_rcnn_R50_FPN_dcnv2_mimic", *GEO_OPTS)).double().train()
+    rec = SimpleNamespace(backbone=[], pooler=[], head=[], sampled=None)
+    pooler = model.roi_heads.box_pooler
+
+    def on_pooler(module, args):
+        maps, boxes = args
+        rec.pooler.append({"maps": [m.shape for m in maps], "boxes": boxes, "levels": {}})
+
+    def on_level(level):
+        return lambda module, args: rec.pooler[-1]["levels"].update({level: args[1].clone()})
 
     def recording_crop_rois(images, boxes, crop_size):
-        recorded.append(([b.tensor.clone() for b in boxes], crop_size))
+        rec.sampled = [b.tensor.clone() for b in boxes]
         return original(images, boxes, crop_size)
 
-    monkeypatch.setattr(mimic, "crop_rois", recording_crop_rois)
-    calls = []
-    handle = model.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].clone()))
-    inputs = batch()
-    with EventStorage():
-        model(inputs)
-    handle.remove()
-
-    assert len(calls) == 2 and len(recorded) == 1  # the images, then the crops
-    boxes, size = recorded[0]
-    assert size == 224 and [len(b) for b in boxes] == [2, 2]  # ROIS_PER_IMAGE
-    mean, std = model.pixel_mean, model.pixel_std
-    expected = [
-        _grid_sample_crop((x["image"] - mean) / std, box.tolist(), 224)
-        for x, image_boxes in zip(inputs, boxes)
-        for box in image_boxes
+    original = mimic.crop_rois
+    hooks = [
+        model.backbone.register_forward_hook(lambda m, i, o: rec.backbone.append((i[0], o))),
+        pooler.register_forward_pre_hook(on_pooler),
+        *[lp.register_forward_pre_hook(on_level(i)) for i, lp in enumerate(pooler.level_poolers)],
+        model.roi_heads.box_head.register_forward_hook(lambda m, i, o: rec.head.append(o)),
     ]
-    torch.testing.assert_close(calls[1], torch.stack(expected), rtol=1e-4, atol=1e-4)
+    inputs = geometry_inputs()
+    try:
+        with pytest.MonkeyPatch.context() as mp, EventStorage():
+            mp.setattr(mimic, "crop_rois", recording_crop_rois)
+            losses = model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return SimpleNamespace(model=model, inputs=inputs, losses=losses, **vars(rec))
 
 
-# ------------------------------------------------------------------------------------------------
-# Gradients.
+def _rows(boxes):
+    """Per-image (R, 4) tensors -> set of (image, x1, y1, x2, y2)."""
+    return {(i, *b) for i, t in enumerate(boxes) for b in t.tolist()}
 
 
-def _grads(loss, named):
-    grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
-    return {n: g for (n, _), g in zip(named, grads)}
+def test_sampled_rois_are_the_foreground_proposals_not_the_ground_truth(paper_geometry):
+    """Every proposal with IoU >= 0.5 with a ground-truth box is sampled (the budget exceeds their
+    number), and nothing else: not the proposals of IoU 0.4, and not the ground-truth boxes that
+    ROI_HEADS.PROPOSAL_APPEND_GT appends to the box head's proposals (the paper samples RPN
+    proposals)."""
+    g = paper_geometry
+    gt = [torch.tensor(b) for b in GEO_GT_BOXES]
+    proposals = [torch.tensor(p) for p in GEO_PROPOSALS]
+    ious = [pairwise_iou(Boxes(t), Boxes(p)).max(0).values for t, p in zip(gt, proposals)]
+    assert all(bool(((iou >= 0.3) & (iou < 0.5)).any()) for iou in ious)  # 0.3 differs from 0.5
+    # The ground-truth boxes were candidates: the detector's own pass pooled them...
+    assert _rows(gt) <= _rows(b.tensor for b in g.pooler[0]["boxes"])
+    # ...the branch sampled exactly the foreground proposals.
+    assert _rows(g.sampled) == _rows(p[iou >= 0.5] for p, iou in zip(proposals, ious))
+    assert [len(s) for s in g.sampled] == [4, 3]
 
 
-def test_gradients_of_the_two_losses():
-    model = perturb(build("faster_rcnn_R50_FPN_dcnv2_mimic")).train()
-    with EventStorage():
-        losses = model(batch())
-    named = list(model.named_parameters())
-    mimic_grads = _grads(losses["loss_mimic"], named)
-    cls_grads = _grads(losses["loss_mimic_cls"], named)
+def test_crops_pool_whole_from_p4_and_rois_from_their_own_levels(paper_geometry):
+    """The backbone sees the images, then K 224-px crops. The branch asks the box pooler for the
+    sampled RoIs on the images' maps, which reach the mdpool of their own levels (P2, P3 here),
+    and for one whole-crop box (0, 0, 224, 224) per crop on the crops' maps, which all reach
+    P4's mdpool (a 14 x 14 map, the paper's size) and no other level's."""
+    g = paper_geometry
+    k = sum(len(s) for s in g.sampled)
+    assert [tuple(x.shape) for x, _ in g.backbone] == [(2, 3, GEO, GEO), (k, 3, CROP, CROP)]
+    # pooler calls: the detector's own pass, then the branch's image side and its crop side
+    assert len(g.pooler) == 3
+    image_side = [c for c in g.pooler[1:] if c["maps"][0][0] == 2]
+    crop_side = [c for c in g.pooler[1:] if c["maps"][0][0] == k]
+    assert len(image_side) == 1 and len(crop_side) == 1
+    image_side, crop_side = image_side[0], crop_side[0]
 
-    def nonzero(g):
-        return g is not None and bool(g.abs().sum() > 0)
+    whole = torch.tensor([[0.0, 0, CROP, CROP]])
+    assert fpn_level(whole).item() == 4
+    assert len(crop_side["boxes"]) == k
+    assert all(torch.equal(b.tensor, whole) for b in crop_side["boxes"])
+    assert tuple(crop_side["maps"][2][-2:]) == (CROP // 16, CROP // 16) == (14, 14)
+    p4 = torch.cat([torch.arange(k, dtype=torch.float32)[:, None], whole.expand(k, 4)], dim=1)
+    assert torch.equal(crop_side["levels"][2], p4)
+    assert [len(crop_side["levels"][i]) for i in (0, 1, 3)] == [0, 0, 0]
 
-    # 64-px images and 32-px crops: every RoI of both passes is pooled from P2 (level 0).
-    reached = [
-        n
-        for n in mimic_grads
-        if n.startswith(("backbone.bottom_up.", "roi_heads.box_head."))
-        or n.startswith("roi_heads.box_pooler.level_poolers.0.")
-    ]
-    assert sum(".conv2_offset." in n for n in reached) == 13 * 2
-    assert len([n for n in reached if "level_poolers" in n]) == 5 * 2  # offset_fc 3 + mask_fc 2
-    assert [n for n in reached if not nonzero(mimic_grads[n])] == []
-    classifier = [n for n in mimic_grads if n.startswith("roi_heads.mimic.")]
-    assert classifier == ["roi_heads.mimic.cls_score.weight", "roi_heads.mimic.cls_score.bias"]
-    # The R-CNN classifier learns from loss_mimic_cls only; the detector's cls_score from neither.
-    assert all(mimic_grads[n] is None for n in classifier)
-    assert all(nonzero(cls_grads[n]) for n in classifier)
-    for grads in (mimic_grads, cls_grads):
-        assert grads["roi_heads.box_predictor.cls_score.weight"] is None
+    assert [b.tensor.tolist() for b in image_side["boxes"]] == [s.tolist() for s in g.sampled]
+    rois = torch.cat(
+        [torch.cat([s.new_full((len(s), 1), i), s], 1) for i, s in enumerate(g.sampled)]
+    )
+    levels = fpn_level(rois[:, 1:]) - 2
+    assert sorted(set(levels.tolist())) == [0, 1]  # P2 and P3; no image RoI reaches P4
+    for i in range(4):
+        assert torch.equal(image_side["levels"][i], rois[levels == i]), f"level index {i}"
+
+
+def test_each_crop_feature_is_paired_with_the_box_head_feature_of_its_roi(paper_geometry):
+    """Both losses recomputed from independent per-RoI references: f_RCNN(b) from b's crop alone
+    (``grid_sample`` on the normalised image, the backbone, the whole-crop box, the box head),
+    f_FRCNN(b) the row of b in the box head's output in the detector's own pass, and class(b)
+    that of the ground-truth box b overlaps most."""
+    g = paper_geometry
+    model, heads = g.model, g.model.roi_heads
+    own_rois = torch.cat(
+        [
+            torch.cat([b.tensor.new_full((len(b), 1), i), b.tensor], 1)
+            for i, b in enumerate(g.pooler[0]["boxes"])
+        ]
+    )
+    own_features = g.head[0].detach()
+    crops, f_frcnn, classes = [], [], []
+    with torch.no_grad():
+        for i, (x, sampled) in enumerate(zip(g.inputs, g.sampled)):
+            image = (x["image"].double() - model.pixel_mean) / model.pixel_std
+            best = pairwise_iou(x["instances"].gt_boxes, Boxes(sampled)).argmax(0)
+            for box, j in zip(sampled, best):
+                crops.append(_grid_sample_crop(image, box.tolist(), CROP))
+                row = ((own_rois[:, 0] == i) & (own_rois[:, 1:] == box).all(1)).nonzero()
+                assert len(row) == 1
+                f_frcnn.append(own_features[row[0, 0]])
+                classes.append(x["instances"].gt_classes[j])
+        # Row k of each batch is computed from crop k alone (frozen batch norm).
+        crops, f_frcnn, classes = torch.stack(crops), torch.stack(f_frcnn), torch.stack(classes)
+        maps = model.backbone(crops)
+        whole = [Boxes(torch.tensor([[0.0, 0, CROP, CROP]]))] * len(crops)
+        pooled = heads.box_pooler([maps[f] for f in heads.box_in_features], whole)
+        f_rcnn = heads.box_head(pooled)
+        logits = heads.mimic.cls_score(f_rcnn)
+    torch.testing.assert_close(g.backbone[1][0], crops)
+
+    def cosine_loss(a, b):
+        cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+        return 0.1 * (1 - cos).sum() / (BUDGET * 2)
+
+    expected = cosine_loss(f_rcnn, f_frcnn)
+    torch.testing.assert_close(g.losses["loss_mimic"].detach(), expected, rtol=1e-9, atol=0)
+    # The comparison can tell a pairing off by one RoI.
+    assert (cosine_loss(f_rcnn, f_frcnn.roll(1, 0)) - expected).abs() > 0.01 * expected
+    expected_cls = 0.1 * F.cross_entropy(logits, classes, reduction="sum") / (BUDGET * 2)
+    torch.testing.assert_close(g.losses["loss_mimic_cls"].detach(), expected_cls, rtol=1e-9, atol=0)
+
+
+def test_gradients_of_the_crop_path(paper_geometry):
+    """``loss_mimic_cls`` comes through the crops alone: it reaches the backbone (offset convs
+    included), P4's mdpool, the box head and the branch's classifier, but neither the images'
+    feature maps nor the mdpool of the levels the image RoIs pool from. ``loss_mimic`` reaches
+    both sides: P4's mdpool through the crops (no image RoI pools there), P2's and P3's through
+    the image RoIs. The two classifiers are not shared (the paper shares every weight but them)."""
+    g = paper_geometry
+    named = dict(g.model.named_parameters())
+    image_maps = list(g.backbone[0][1].values())  # p2 ... p6
+
+    def grads(loss, names):
+        """Gradients of ``loss`` for the parameters ``names`` and the images' maps (autograd
+        runs only the part of the graph that leads to them)."""
+        tensors = [named[n] for n in names] + image_maps
+        out = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+        return dict(zip(names, out)), out[len(names) :]
+
+    def reached(grad):
+        return grad is not None and bool(grad.abs().sum() > 0)
+
+    def level(i):
+        return [n for n in named if n.startswith(f"roi_heads.box_pooler.level_poolers.{i}.")]
+
+    classifier = ["roi_heads.mimic.cls_score.weight", "roi_heads.mimic.cls_score.bias"]
+    predictor = [n for n in named if n.startswith("roi_heads.box_predictor.")]
+    box_head = [n for n in named if n.startswith("roi_heads.box_head.")]
+    backbone = [n for n in named if n.startswith("backbone.bottom_up.")]
+    assert sum(".conv2_offset." in n for n in backbone) == 13 * 2 and len(level(2)) == 5 * 2
+    others = level(0) + level(1) + level(3) + predictor
+
+    crop_path = backbone + level(2) + box_head + classifier
+    cls_grads, cls_maps = grads(g.losses["loss_mimic_cls"], crop_path + others)
+    assert [n for n in crop_path if not reached(cls_grads[n])] == []
+    assert [n for n in others if reached(cls_grads[n])] == []
+    assert not any(reached(m) for m in cls_maps)
+
+    heads = level(0) + level(1) + level(2) + level(3) + box_head + classifier + predictor
+    mimic_grads, mimic_maps = grads(g.losses["loss_mimic"], heads)
+    assert [
+        n for n in level(0) + level(1) + level(2) + box_head if not reached(mimic_grads[n])
+    ] == []
+    assert [n for n in level(3) + classifier + predictor if reached(mimic_grads[n])] == []
+    assert all(reached(m) for m in mimic_maps[:2])  # P2, P3 of the images, where the RoIs pool
+
+    detector_grads, _ = grads(g.losses["loss_cls"], classifier + predictor)
+    assert reached(detector_grads["roi_heads.box_predictor.cls_score.weight"])
+    assert [n for n in classifier if reached(detector_grads[n])] == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,9 +510,9 @@ def test_gradients_of_the_two_losses():
 
 
 def test_losses_are_named_for_the_log():
-    model = build("mask_rcnn_R50_FPN_dcnv2_mimic").train()
+    model = build("mask_rcnn_R50_FPN_dcnv2_mimic", *FIXED_PROPOSALS).train()
     with EventStorage():
-        losses = model(batch())
+        losses = model(geometry_inputs())
     assert {"loss_mimic", "loss_mimic_cls", "loss_cls", "loss_mask"} <= set(losses)
     assert losses["loss_mimic"].item() > 0 and losses["loss_mimic_cls"].item() > 0
 
@@ -348,15 +540,6 @@ def test_inference_drops_the_branch(kind):
             assert torch.equal(va, vb), field
 
 
-def test_training_runs_the_backbone_on_the_crops():
-    model = build("faster_rcnn_R50_FPN_dcnv2_mimic").train()
-    calls, handle = count_calls(model.backbone)
-    with EventStorage():
-        model(batch())
-    handle.remove()
-    assert calls == [(2, 3, SIZE, SIZE), (4, 3, 32, 32)]  # 2 images, then 2 x 2 crops
-
-
 def test_configuration_errors():
     with pytest.raises(ValueError, match="META_ARCHITECTURE 'MimicRCNN'.*'GeneralizedRCNN'"):
         build("faster_rcnn_R50_FPN_dcnv2_mimic", "MODEL.META_ARCHITECTURE", "GeneralizedRCNN")
@@ -371,7 +554,7 @@ def test_configuration_errors():
 def test_paper_complete_configs():
     for kind in ("faster", "mask"):
         for suffix in ("", "_mimic"):
-            cfg = load_dcnv2_config(str(CONFIG_DIR / f"{kind}_rcnn_R50_FPN_dcnv2{suffix}.yaml"))
+            cfg = make_cfg(f"{kind}_rcnn_R50_FPN_dcnv2{suffix}")
             assert list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE) == [False, True, True, True]
             assert cfg.MODEL.ROI_HEADS.NAME == "MDPoolROIHeads"
             assert cfg.MODEL.MASK_ON == (kind == "mask")
@@ -384,9 +567,8 @@ def test_paper_complete_configs():
                     0.1,
                     0.1,
                 )
-    quick = CONFIG_DIR / "quick_schedules"
-    a = load_dcnv2_config(str(quick / "mask_rcnn_R50_FPN_dcnv2_mimic_shapes.yaml"))
-    b = load_dcnv2_config(str(quick / "mask_rcnn_R50_FPN_dcnv2_shapes.yaml"))
+    a = make_cfg("quick_schedules/mask_rcnn_R50_FPN_dcnv2_mimic_shapes.yaml")
+    b = make_cfg("quick_schedules/mask_rcnn_R50_FPN_dcnv2_shapes.yaml")
     assert a.SEED == b.SEED and a.SOLVER == b.SOLVER and a.INPUT == b.INPUT  # twins
     assert a.MODEL.ROI_BOX_HEAD.MIMIC.ENABLED and not b.MODEL.ROI_BOX_HEAD.MIMIC.ENABLED
 
@@ -465,11 +647,11 @@ def test_mmdet_mdconv_weights_load_into_the_paper_complete_configs(tmp_path, tar
 
 
 def test_train_net_logs_the_mimic_losses(tmp_path):
-    from test_train_net import TINY, run_train_net
+    from test_train_net import run_train_net
 
     out = tmp_path / "output"
     config = "configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_mimic_shapes.yaml"
-    args = [*TINY, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
+    args = [*SMALL, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
     returncode, output = run_train_net(tmp_path / "datasets", *args, config=config)
     assert returncode == 0, output[-5000:]
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]

@@ -3,11 +3,15 @@
 Shape shorthand: N = images, K = foreground RoIs sampled over the batch, S = crop size (224),
 D = box-head feature width (1024), C = classes.
 
-The R-CNN branch sees each sampled RoI alone: the RoI is cropped from the normalised input image,
-resized to S x S, run through the detector's own backbone, pooled as one whole-patch box by the
-detector's own box pooler (on an FPN the pooler picks the level of an S-pixel box: P4 for 224)
-and its own box head, giving f_RCNN (K, D). The detector's feature of the same RoI, f_FRCNN, is
-the box head's output on that RoI in the image. Two losses (names as in the training log):
+The sampled RoIs are up to ROIS_PER_IMAGE foreground proposals per image (IoU >= 0.5 with a
+ground-truth box), not the ground-truth boxes appended to the proposals: the paper samples RPN
+proposals. The R-CNN branch sees each sampled RoI alone: the RoI is cropped from the normalised
+input image, resized to S x S, run through the detector's own backbone, pooled as one whole-patch
+box (0, 0, S, S) by the detector's own box pooler (on an FPN the pooler picks the level of an
+S-pixel box: P4, a 14 x 14 map, for 224) and its own box head, giving f_RCNN (K, D). The
+detector's feature of the same RoI, f_FRCNN (K, D), is the box head's output on that RoI in the
+image, pooled from the RoI's own level; row k of both is RoI k. Two losses (names as in the
+training log):
 
 * ``loss_mimic`` = LOSS_WEIGHT x sum_b (1 - cos(f_RCNN(b), f_FRCNN(b))) / (ROIS_PER_IMAGE x N)
 * ``loss_mimic_cls`` = CLS_LOSS_WEIGHT x sum_b CE(cls_score(f_RCNN(b)), class(b)) / (ROIS_PER_IMAGE x N)
@@ -30,12 +34,17 @@ from detectron2.modeling.poolers import convert_boxes_to_pooler_format
 from detectron2.structures import Boxes, ImageList, Instances
 
 __all__ = [
+    "GT_BOX_FIELD",
     "MimicRCNN",
     "RCNNMimicBranch",
     "crop_rois",
     "mimic_cosine_loss",
     "sample_foreground_proposals",
 ]
+
+# Boolean field of the proposals MimicROIHeads labels: True for the ground-truth boxes appended to
+# them (ROI_HEADS.PROPOSAL_APPEND_GT), which the branch does not sample.
+GT_BOX_FIELD = "is_gt_box"
 
 
 def subsample_foreground(gt_classes: torch.Tensor, num_classes: int, max_num: int) -> torch.Tensor:
@@ -52,8 +61,17 @@ def sample_foreground_proposals(
     proposals: List[Instances], num_classes: int, max_per_image: int
 ) -> List[Instances]:
     """Per image, up to ``max_per_image`` of the proposals the box head labelled foreground
-    (``gt_classes`` set by ``label_and_sample_proposals``: IoU >= ROI_HEADS.IOU_THRESHOLDS)."""
-    return [p[subsample_foreground(p.gt_classes, num_classes, max_per_image)] for p in proposals]
+    (``gt_classes`` set by ``label_and_sample_proposals``: IoU >= ROI_HEADS.IOU_THRESHOLDS with a
+    ground-truth box), leaving out those whose ``GT_BOX_FIELD`` is True: the ground-truth boxes
+    that ROI_HEADS.PROPOSAL_APPEND_GT adds, since the paper samples RPN proposals only. Proposals
+    without the field are all candidates."""
+    sampled = []
+    for p in proposals:
+        classes = p.gt_classes
+        if p.has(GT_BOX_FIELD):
+            classes = classes.masked_fill(p.get(GT_BOX_FIELD), -1)  # -1: not a candidate
+        sampled.append(p[subsample_foreground(classes, num_classes, max_per_image)])
+    return sampled
 
 
 def crop_rois(images: torch.Tensor, boxes: List[Boxes], crop_size: int) -> torch.Tensor:

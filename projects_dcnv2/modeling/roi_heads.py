@@ -10,15 +10,25 @@ the mask branch with its plain ROIAlign pooler. Box features are (M, C, P, P) as
 import logging
 from typing import Optional
 
+import torch
+
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.structures import Instances
 
-from .mimic import MimicRCNN, RCNNMimicBranch
+from .mimic import GT_BOX_FIELD, MimicRCNN, RCNNMimicBranch
 from .poolers import MDPoolROIPooler
 
 __all__ = ["MDPoolROIHeads", "MimicROIHeads"]
 
 logger = logging.getLogger(__name__)
+
+
+def _with_flag(instances: Instances, device: torch.device, value: bool) -> Instances:
+    """A shallow copy of ``instances`` with ``GT_BOX_FIELD`` set to ``value`` for every row."""
+    out = Instances(instances.image_size, **instances.get_fields())
+    out.set(GT_BOX_FIELD, torch.full((len(instances),), value, dtype=torch.bool, device=device))
+    return out
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -75,6 +85,16 @@ class MimicROIHeads(StandardROIHeads):
                 f"divisibility ({divisibility}), got {self.mimic.crop_size}"
             )
         self._backbone = (backbone,)
+
+    @torch.no_grad()
+    def label_and_sample_proposals(self, proposals, targets):
+        """``StandardROIHeads``', with the mimic branch's ``GT_BOX_FIELD`` on the result: True
+        for the ground-truth boxes appended to the proposals (ROI_HEADS.PROPOSAL_APPEND_GT),
+        which the branch leaves out, as the paper samples RPN proposals only."""
+        if self.mimic is not None:
+            proposals = [_with_flag(p, p.proposal_boxes.device, False) for p in proposals]
+            targets = [_with_flag(t, t.gt_boxes.device, True) for t in targets]
+        return super().label_and_sample_proposals(proposals, targets)
 
     def forward(self, images, features, proposals, targets=None):
         results, losses = super().forward(images, features, proposals, targets)
