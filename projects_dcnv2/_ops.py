@@ -121,10 +121,15 @@ torch.library.register_autograd(
 
 
 # ---------------------------------------------------------------------------------------------
-# Autocast: both ops run in float32 under torch.autocast (as torchvision's deform_conv2d and
-# MMDetection's fp32 RoI extractors do); callers get a float32 result and the next autocast op
-# casts it back. Direct float16/bfloat16 inputs (no autocast) use the half kernels on CUDA, which
-# accumulate in float32.
-for _op in ("dcnv2::modulated_deform_conv2d", "dcnv2::deform_roi_pool"):
-    for _device in ("cpu", "cuda"):
-        torch.library.register_autocast(_op, _device, torch.float32)
+# Autocast. On CUDA, modulated_deform_conv2d runs in the autocast dtype, as F.conv2d does (both of
+# its CUDA implementations accumulate in float32): registered in _triton_ops.py. Everywhere else
+# the ops run in float32 under torch.autocast (as torchvision's deform_conv2d and MMDetection's fp32
+# RoI extractors do); callers get a float32 result and the next autocast op casts it back. Direct
+# float16/bfloat16 inputs (no autocast) use the half kernels on CUDA, which accumulate in float32.
+torch.library.register_autocast("dcnv2::modulated_deform_conv2d", "cpu", torch.float32)
+for _device in ("cpu", "cuda"):
+    torch.library.register_autocast("dcnv2::deform_roi_pool", _device, torch.float32)
+
+# The public modulated_deform_conv2d's CUDA kernels (fused Triton kernels or the column path), the
+# private _triton_* operators and the CUDA autocast rule above.
+from . import _triton_ops  # noqa: E402, F401

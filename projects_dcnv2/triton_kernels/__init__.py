@@ -19,12 +19,18 @@ __all__ = [
     "INT32_MAX",
     "alert_not_deterministic",
     "dot_precision",
+    "fused_backward_state",
     "interpreter_requested",
     "max_offset",
+    "SUPPORTED_DTYPES",
+    "unsupported_reason",
 ]
 
 AVAILABLE: bool = importlib.util.find_spec("triton") is not None
 """Whether Triton is importable (it ships with PyTorch's CUDA wheels)."""
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""The fused kernels' dtypes (float64 stays on the column path)."""
 
 INT32_MAX = 2**31 - 1
 """The kernels index with int32: every tensor's largest element offset must stay at or below this."""
@@ -54,3 +60,32 @@ def alert_not_deterministic(caller: str) -> None:
     ``torch.use_deterministic_algorithms(True)``, a warning with ``warn_only=True``; as the C++
     ``at::globalContext().alertNotDeterministic`` of the column path."""
     torch._C._alert_not_deterministic(caller)
+
+
+def unsupported_reason(input, offset, mask, weight, grad_output=None):
+    """Why the fused kernels cannot take these (already checked) arguments, as a phrase, or None when
+    they can: a dtype other than float16/bfloat16/float32, or a tensor (the output included) whose
+    element offsets pass the int32 index range."""
+    if input.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {input.dtype} (the fused kernels take float16, bfloat16 and float32)"
+    named = [("input", input), ("offset", offset), ("mask", mask), ("weight", weight)]
+    if grad_output is not None:
+        named.append(("grad_output", grad_output))
+    for name, t in named:
+        if max_offset(t) > INT32_MAX:
+            return f"{name} of shape {tuple(t.shape)} passes the kernels' int32 index range"
+    n, _, ho, wo = offset.shape
+    if n * weight.shape[0] * ho * wo - 1 > INT32_MAX:
+        return "the output passes the kernels' int32 index range"
+    return None
+
+
+def fused_backward_state():
+    """(whether the fused backward exists, whether the dispatcher takes it by default on CUDA): its
+    module's ``FUSED_BACKWARD_DEFAULT``, set from a GPU measurement against the column path. Imports
+    the backward kernels (and Triton)."""
+    if not AVAILABLE or importlib.util.find_spec(__name__ + ".mdconv_backward") is None:
+        return False, False
+    from . import mdconv_backward
+
+    return True, bool(getattr(mdconv_backward, "FUSED_BACKWARD_DEFAULT", False))
