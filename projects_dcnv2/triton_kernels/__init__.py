@@ -59,7 +59,7 @@ def alert_not_deterministic(caller: str) -> None:
     """The standard alert of a nondeterministic kernel (atomics): an error under
     ``torch.use_deterministic_algorithms(True)``, a warning with ``warn_only=True``; as the C++
     ``at::globalContext().alertNotDeterministic`` of the column path."""
-    torch._C._alert_not_deterministic(caller)
+    torch._prims_common.alert_not_deterministic(caller)  # torch._C has no such binding
 
 
 def unsupported_reason(input, offset, mask, weight, grad_output=None):
