@@ -7,43 +7,19 @@
 
 Data sets are read from $DETECTRON2_DATASETS (default ./datasets), as in Detectron2.
 CPU-only machines: configs/quick_schedules/*_shapes.yaml train on an embedded synthetic set.
+The trainer, the evaluator and the weight loading (MMDetection / torchvision files too) live in
+``projects_dcnv2.engine``.
 """
-
-import os
 
 import torch.distributed as dist
 
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import verify_results
 
 from projects_dcnv2 import load_dcnv2_config
-
-# DCNv2Checkpointer also loads MMDetection / torchvision weights
-from projects_dcnv2.checkpoint import DCNv2Checkpointer
 from projects_dcnv2.data import check_datasets_on_disk
-from projects_dcnv2.engine import DCNv2Trainer
-
-
-def _has_detectron2_extension():
-    try:
-        from detectron2 import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class Trainer(DCNv2Trainer):
-    """``DCNv2Trainer`` (atomic checkpoints with optimizer state, checked data) + a COCO evaluator."""
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        # The fast COCOeval needs detectron2._C; fall back to pycocotools without it.
-        return COCOEvaluator(
-            dataset_name, output_dir=output_folder, use_fast_impl=_has_detectron2_extension()
-        )
+from projects_dcnv2.engine import DCNv2Trainer, build_inference_model
 
 
 def setup(args):
@@ -67,16 +43,13 @@ def train_or_evaluate(args):
     check_datasets_on_disk(needed)  # a clear message naming $DETECTRON2_DATASETS
 
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DCNv2Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        res = Trainer.test(cfg, model)
+        model = build_inference_model(cfg, resume=args.resume)
+        res = DCNv2Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
 
-    trainer = Trainer(cfg)
+    trainer = DCNv2Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

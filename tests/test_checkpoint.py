@@ -1,12 +1,12 @@
 """Model-zoo weights: MMDetection / torchvision checkpoints -> this project's Detectron2 models.
 
 No network and no real checkpoint: every MMDetection file here is written by the test, either from
-a hand-written key table (docs/semantics.md, "MMDetection checkpoints") or by exporting one of our models
-through ``convert_d2_to_mmdet``. Most models are the seed configs with reduced widths (same key
-names, same block counts); the full-size Mask R-CNN mdconv is built once for the exact-shape checks.
+a hand-written key table or by exporting one of our models through ``mmdet_checkpoints`` (which
+spells MMDetection's names out independently of the package's rules). Most models are the seed
+configs with reduced widths (``builders.NARROW``: same key names, same block counts); the
+full-size Mask R-CNN mdconv is built once for the exact-shape checks.
 """
 
-import collections
 import importlib.util
 import os
 import pickle
@@ -17,60 +17,30 @@ import torch
 import torchvision
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-import projects_dcnv2  # noqa: F401  (registers the backbones / ROI heads)
-from projects_dcnv2 import add_dcnv2_config
-from projects_dcnv2.checkpoint import (
-    CheckpointMismatchError,
-    DCNv2Checkpointer,
-    check_checkpoint_fits,
-    convert_checkpoint,
-    convert_d2_to_mmdet,
+from projects_dcnv2.checkpoint import CheckpointMismatchError, DCNv2Checkpointer, convert_checkpoint
+from projects_dcnv2.checkpoint.checkpointer import TorchvisionHandler
+from projects_dcnv2.checkpoint.convert import (
     convert_mmdet_to_d2,
     convert_torchvision_to_d2,
     guess_format,
-    torchvision_url,
 )
+from projects_dcnv2.checkpoint.validate import check_checkpoint_fits
+from projects_dcnv2.engine import AtomicCheckpointer
 from projects_dcnv2.layers import ModulatedDeformRoIPoolPack
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED_CONFIGS = [
-    "faster_rcnn_R50_FPN_mdconv",
-    "faster_rcnn_R50_FPN_mdconv_dg4",
-    "faster_rcnn_R50_FPN_mdpool",
-    "mask_rcnn_R50_FPN_mdconv",
-    "mask_rcnn_R50_FPN_mdconv_fp16",
-]
-# Narrow ResNet-50 / FPN / heads (every key name and block count kept), few proposals, no score
-# threshold so that random weights still give detections to compare.
-SMALL = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", 8,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
-    "MODEL.RESNETS.WIDTH_PER_GROUP", 8,
-    "MODEL.FPN.OUT_CHANNELS", 16,
-    "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
-    "MODEL.ROI_BOX_HEAD.MDPOOL.DEFORM_FC_DIM", 32,
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", 8,
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", 50,
-    "MODEL.RPN.POST_NMS_TOPK_TEST", 10,
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
-]  # fmt: skip
+from builders import NARROW, REPO, SEED_CONFIGS, SMALL, config_path, make_cfg
+from mmdet_checkpoints import (
+    LAYOUTS,
+    d2_name,
+    export_mmdet,
+    mmdet_r50_fpn_layout,
+    random_checkpoint,
+)
+
+OPTS = [*SMALL, *NARROW]  # narrow models, few proposals, every detection kept
 IMAGE = 64
-
-
-def config_path(name):
-    return os.path.join(ROOT, "configs", name + ".yaml")
-
-
-def make_cfg(name, *opts):
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(config_path(name))
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def randomise(model, seed):
@@ -92,7 +62,7 @@ def randomise(model, seed):
 
 def build_small(name, seed, *opts):
     torch.manual_seed(seed)
-    return randomise(build_model(make_cfg(name, *SMALL, *opts)), seed)
+    return randomise(build_model(make_cfg(name, *OPTS, *opts)), seed)
 
 
 def run(model):
@@ -115,80 +85,6 @@ def assert_state_equal(state, model):
 def save(obj, path, legacy=False):
     torch.save(obj, str(path), _use_new_zipfile_serialization=not legacy)
     return str(path)
-
-
-def mmdet_r50_fpn_layout(*, dg=1, dcn=True, mask=False, mdpool=False):
-    """{key: shape} of an MMDetection 2.x R-50-FPN Faster/Mask R-CNN checkpoint, written from
-    MMDetection's module structure (docs/semantics.md, "Deformable RoI pooling" and
-    "MMDetection checkpoints"), independently of our mapping."""
-    shapes = {}
-
-    def bn(prefix, c):
-        for p in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{prefix}.{p}"] = (c,)
-        shapes[f"{prefix}.num_batches_tracked"] = ()
-
-    def conv(prefix, shape, bias=True):
-        shapes[prefix + ".weight"] = shape
-        if bias:
-            shapes[prefix + ".bias"] = (shape[0],)
-
-    conv("backbone.conv1", (64, 3, 7, 7), bias=False)
-    bn("backbone.bn1", 64)
-    inplanes = 64
-    for layer, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
-        for b in range(blocks):
-            p = f"backbone.layer{layer}.{b}"
-            cin = inplanes if b == 0 else planes * 4
-            conv(p + ".conv1", (planes, cin, 1, 1), bias=False)
-            bn(p + ".bn1", planes)
-            conv(p + ".conv2", (planes, planes, 3, 3), bias=False)
-            if dcn and layer >= 2:
-                conv(p + ".conv2.conv_offset", (3 * 9 * dg, planes, 3, 3))
-            bn(p + ".bn2", planes)
-            conv(p + ".conv3", (planes * 4, planes, 1, 1), bias=False)
-            bn(p + ".bn3", planes * 4)
-            if b == 0:
-                conv(p + ".downsample.0", (planes * 4, cin, 1, 1), bias=False)
-                bn(p + ".downsample.1", planes * 4)
-        inplanes = planes * 4
-    for i, cin in enumerate((256, 512, 1024, 2048)):
-        conv(f"neck.lateral_convs.{i}.conv", (256, cin, 1, 1))
-        conv(f"neck.fpn_convs.{i}.conv", (256, 256, 3, 3))
-    conv("rpn_head.rpn_conv", (256, 256, 3, 3))
-    conv("rpn_head.rpn_cls", (3, 256, 1, 1))
-    conv("rpn_head.rpn_reg", (12, 256, 1, 1))
-    conv("roi_head.bbox_head.shared_fcs.0", (1024, 256 * 7 * 7))
-    conv("roi_head.bbox_head.shared_fcs.1", (1024, 1024))
-    conv("roi_head.bbox_head.fc_cls", (81, 1024))
-    conv("roi_head.bbox_head.fc_reg", (320, 1024))
-    if mask:
-        for i in range(4):
-            conv(f"roi_head.mask_head.convs.{i}.conv", (256, 256, 3, 3))
-        conv("roi_head.mask_head.upsample", (256, 256, 2, 2))
-        conv("roi_head.mask_head.conv_logits", (80, 256, 1, 1))
-    if mdpool:
-        for lvl in range(4):
-            p = f"roi_head.bbox_roi_extractor.roi_layers.{lvl}"
-            conv(p + ".offset_fc.0", (1024, 256 * 7 * 7))
-            conv(p + ".offset_fc.2", (1024, 1024))
-            conv(p + ".offset_fc.4", (2 * 49, 1024))
-            conv(p + ".mask_fc.0", (1024, 256 * 7 * 7))
-            conv(p + ".mask_fc.2", (49, 1024))
-    return shapes
-
-
-def random_checkpoint(layout, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    state = collections.OrderedDict()
-    for k, shape in layout.items():
-        if k.endswith("num_batches_tracked"):
-            state[k] = torch.tensor(1000, dtype=torch.long)
-        else:
-            state[k] = torch.randn(shape, generator=g)
-    state._metadata = collections.OrderedDict([("", {"version": 1})])  # as nn.Module.state_dict()
-    meta = {"mmdet_version": "2.0.0", "CLASSES": tuple(f"class{i}" for i in range(80)), "epoch": 12}
-    return {"meta": meta, "state_dict": state}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,7 +117,7 @@ def exported(tmp_path_factory):
         key = (name,) + opts
         if key not in cache:
             model = build_small(name, 1, *opts)
-            cache[key] = save(convert_d2_to_mmdet(model.state_dict()), folder / f"{len(cache)}.pth")
+            cache[key] = save(export_mmdet(model.state_dict()), folder / f"{len(cache)}.pth")
         return cache[key]
 
     return get
@@ -236,7 +132,7 @@ def test_seed_config_round_trip(name, tmp_path):
     """Export a random model to MMDetection's format, load it back through DCNv2Checkpointer into
     a differently initialised model: same tensors, same detections."""
     source = build_small(name, 1)
-    checkpoint = convert_d2_to_mmdet(
+    checkpoint = export_mmdet(
         source.state_dict(), meta={"mmdet_version": "2.0.0", "CLASSES": tuple(map(str, range(80)))}
     )
     mm = checkpoint["state_dict"]
@@ -275,55 +171,9 @@ def test_seed_config_round_trip(name, tmp_path):
 
 def test_full_size_export_has_mmdetection_layout(full_mask_mdconv):
     """Our full-size Mask R-CNN mdconv exports exactly MMDetection's key set and shapes."""
-    exported = convert_d2_to_mmdet(full_mask_mdconv.state_dict())["state_dict"]
+    exported = export_mmdet(full_mask_mdconv.state_dict())["state_dict"]
     got = {k: tuple(v.shape) for k, v in exported.items()}
     assert got == mmdet_r50_fpn_layout(mask=True)
-
-
-LAYOUTS = {  # the MMDetection model behind each seed config
-    "faster_rcnn_R50_FPN_mdconv": dict(dg=1),
-    "faster_rcnn_R50_FPN_mdconv_dg4": dict(dg=4),
-    "faster_rcnn_R50_FPN_mdpool": dict(dcn=False, mdpool=True),
-    "mask_rcnn_R50_FPN_mdconv": dict(mask=True),
-    "mask_rcnn_R50_FPN_mdconv_fp16": dict(mask=True),
-}
-
-
-def d2_name(mm_key):
-    """The Detectron2 name of an MMDetection key, spelled out from the two module trees
-    (docs/semantics.md, "MMDetection checkpoints"), independently of the package's rule table."""
-    bottom_up = "backbone.bottom_up."
-    parts = mm_key.split(".")
-    if parts[0] == "backbone":
-        if parts[1] == "conv1":
-            return bottom_up + "stem.conv1.weight"
-        if parts[1] == "bn1":
-            return bottom_up + "stem.conv1.norm." + parts[2]
-        stage, block, rest = "res%d" % (int(parts[1][len("layer") :]) + 1), parts[2], parts[3:]
-        if rest[0] == "downsample":
-            rest = ["shortcut"] + (["norm"] if rest[1] == "1" else []) + rest[2:]
-        elif rest[0].startswith("bn"):
-            rest = ["conv" + rest[0][len("bn") :], "norm"] + rest[1:]
-        elif rest[:2] == ["conv2", "conv_offset"]:
-            rest = ["conv2_offset"] + rest[2:]
-        return bottom_up + ".".join([stage, block] + rest)
-    if parts[0] == "neck":
-        kind = {"lateral_convs": "fpn_lateral", "fpn_convs": "fpn_output"}[parts[1]]
-        return f"backbone.{kind}{int(parts[2]) + 2}.{parts[-1]}"
-    if parts[0] == "rpn_head":
-        kind = {"rpn_conv": "conv", "rpn_cls": "objectness_logits", "rpn_reg": "anchor_deltas"}
-        return f"proposal_generator.rpn_head.{kind[parts[1]]}.{parts[2]}"
-    head, rest = parts[1], parts[2:]
-    if head == "bbox_head" and rest[0] == "shared_fcs":
-        return f"roi_heads.box_head.fc{int(rest[1]) + 1}.{rest[2]}"
-    if head == "bbox_head":
-        return f"roi_heads.box_predictor.{dict(fc_cls='cls_score', fc_reg='bbox_pred')[rest[0]]}.{rest[1]}"
-    if head == "mask_head" and rest[0] == "convs":
-        return f"roi_heads.mask_head.mask_fcn{int(rest[1]) + 1}.{rest[-1]}"
-    if head == "mask_head":
-        return f"roi_heads.mask_head.{dict(upsample='deconv', conv_logits='predictor')[rest[0]]}.{rest[1]}"
-    assert head == "bbox_roi_extractor" and rest[0] == "roi_layers", mm_key
-    return "roi_heads.box_pooler.level_poolers." + ".".join(rest[1:])
 
 
 @pytest.mark.parametrize("name", SEED_CONFIGS)
@@ -376,7 +226,7 @@ def test_convert_checkpoint_detects_each_format(exported, tmp_path):
     assert report.source == "MMDetection" and report.name == "a.pth" and report.not_loaded == {}
     assert state.keys() == model_state.keys()
 
-    exported_state = convert_d2_to_mmdet(model_state)["state_dict"].items()
+    exported_state = export_mmdet(model_state)["state_dict"].items()
     torchvision_like = {  # the plain ResNet, torchvision's names
         k[len("backbone.") :]: v
         for k, v in exported_state
@@ -563,7 +413,7 @@ def test_conversion_refuses_duplicate_and_unknown_keys():
 
 def test_legacy_offset_names_round_trip():
     state = build_small("faster_rcnn_R50_FPN_mdconv", 3).state_dict()
-    legacy = convert_d2_to_mmdet(state, legacy_offset_names=True)["state_dict"]
+    legacy = export_mmdet(state, legacy_offset_names=True)["state_dict"]
     assert "backbone.layer4.2.conv2_offset.bias" in legacy and not any(
         ".conv_offset." in k for k in legacy
     )
@@ -656,7 +506,7 @@ def test_torchvision_resnet50_initialises_the_dcnv2_backbone(
 
     # The same through the checkpointer, from torchvision:// (served from iopath's cache).
     cache = tmp_path / "cache"
-    url_path = torchvision_url("resnet50").split("://", 1)[1].split("/", 1)[1]
+    url_path = TorchvisionHandler.url("resnet50").split("://", 1)[1].split("/", 1)[1]
     assert url_path == "models/resnet50-0676ba61.pth"
     os.makedirs(cache / "models")
     save(imagenet, cache / url_path)
@@ -719,7 +569,7 @@ def test_from_checkpointer_keeps_model_save_dir_and_checkpointables(tmp_path):
     model = build_small("faster_rcnn_R50_FPN_mdpool", 11)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     original = DetectionCheckpointer(model, str(tmp_path), optimizer=optimizer)
-    converted = DCNv2Checkpointer.from_checkpointer(original)
+    converted = AtomicCheckpointer.from_checkpointer(original)
     assert converted.model is model and converted.save_dir == str(tmp_path)
     assert converted.checkpointables == {"optimizer": optimizer}
     assert converted.save_to_disk == original.save_to_disk
@@ -727,7 +577,7 @@ def test_from_checkpointer_keeps_model_save_dir_and_checkpointables(tmp_path):
 
 def load_tool():
     spec = importlib.util.spec_from_file_location(
-        "convert_mmdet_to_d2", os.path.join(ROOT, "tools", "convert_mmdet_to_d2.py")
+        "convert_mmdet_to_d2", REPO / "tools" / "convert_mmdet_to_d2.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -738,7 +588,7 @@ def test_offline_converter(exported, tmp_path, capsys):
     tool = load_tool()
     name = "faster_rcnn_R50_FPN_mdpool"
     out = str(tmp_path / "model.pkl")
-    tool.main([exported(name), out, "--config-file", config_path(name), *map(str, SMALL)])
+    tool.main([exported(name), out, "--config-file", config_path(name), *OPTS])
     printed = capsys.readouterr().out
     assert "mdpool 40" in printed and "fits the model" in printed
     with open(out, "rb") as f:
@@ -761,7 +611,7 @@ def test_offline_converter(exported, tmp_path, capsys):
                 bad,
                 "--config-file",
                 config_path("faster_rcnn_R50_FPN_mdconv"),
-                *map(str, SMALL),
+                *OPTS,
             ]
         )
     assert not os.path.exists(bad)

@@ -225,9 +225,10 @@ def sample_image(tmp_path_factory):
 def _random_weights(tool, config, folder):
     """A checkpoint of the config's model whose offset convs are random (so the sampling is deformed)."""
     from projects_dcnv2 import load_dcnv2_config
+    from projects_dcnv2.engine import build_inference_model
 
     torch.manual_seed(0)
-    model = tool.build_torch_model(load_dcnv2_config(str(QUICK / config), SMALL))
+    model = build_inference_model(load_dcnv2_config(str(QUICK / config), SMALL))
     for name, param in model.named_parameters():
         if "offset" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -256,9 +257,10 @@ def test_tool_exports_mdconv_mask_rcnn_to_onnx(tool, sample_image, tmp_path):
 
     # Independently of the tool's own check: rebuild the model and run both files in ONNX Runtime.
     from projects_dcnv2 import load_dcnv2_config
+    from projects_dcnv2.engine import build_inference_model
 
     cfg = load_dcnv2_config(config, [*SMALL, "MODEL.WEIGHTS", weights])
-    model = tool.build_torch_model(cfg)
+    model = build_inference_model(cfg)
     inputs = tool.get_sample_inputs(cfg, sample_image)
     assert (
         model.backbone.bottom_up.res3[0].conv2_offset.weight.abs().sum() > 0
@@ -331,10 +333,11 @@ TINY = [
 @pytest.fixture(scope="module")
 def tiny_backbone(tool):
     from projects_dcnv2 import load_dcnv2_config
+    from projects_dcnv2.engine import build_inference_model
 
     torch.manual_seed(0)
     cfg = load_dcnv2_config(str(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml"), TINY)
-    model = tool.build_torch_model(cfg)
+    model = build_inference_model(cfg)
     for name, param in model.backbone.named_parameters():
         if "offset" in name:
             torch.nn.init.normal_(param, std=0.05)

@@ -24,7 +24,7 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances, pairwis
 from detectron2.utils.events import EventStorage
 
 import projects_dcnv2  # noqa: F401  (registers MimicRCNN / MimicROIHeads)
-from projects_dcnv2.checkpoint import DCNv2Checkpointer, convert_d2_to_mmdet
+from projects_dcnv2.checkpoint import DCNv2Checkpointer
 from projects_dcnv2.modeling import mimic
 from projects_dcnv2.modeling.mimic import (
     GT_BOX_FIELD,
@@ -35,6 +35,7 @@ from projects_dcnv2.modeling.mimic import (
 )
 
 from builders import NARROW, SMALL, make_cfg, make_model
+from mmdet_checkpoints import export_mmdet
 
 SIZE = 64
 # Narrow widths, 4 classes, every backbone stage trained; a CPU-sized branch (2 RoIs x 32 px).
@@ -623,7 +624,7 @@ def test_mimic_checkpoint_loads_into_the_plain_config(tmp_path, log_records):
 def test_mmdet_mdconv_weights_load_into_the_paper_complete_configs(tmp_path, target):
     source = perturb(build("faster_rcnn_R50_FPN_mdconv"))
     path = tmp_path / "mmdet_mdconv.pth"
-    torch.save(convert_d2_to_mmdet(source.state_dict()), path)
+    torch.save(export_mmdet(source.state_dict()), path)
 
     model = build(target, seed=5)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}

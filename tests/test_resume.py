@@ -1,4 +1,4 @@
-"""Checkpoints survive crashes: DCNv2Checkpointer writes atomically (a fault while writing leaves
+"""Checkpoints survive crashes: the trainer's AtomicCheckpointer writes atomically (a fault while writing leaves
 the previous checkpoint and ``last_checkpoint`` intact), and train_net.py killed with SIGKILL
 mid-run resumes from its last checkpoint with the optimizer and scheduler state."""
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from projects_dcnv2.checkpoint import DCNv2Checkpointer
+from projects_dcnv2.engine import AtomicCheckpointer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_fault_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     """The "overwrite" case is the dangerous one for an in-place write: the file replaced is the
     one ``last_checkpoint`` names (a resumed run saving ``model_final`` again)."""
     model, optimizer = _model_and_optimizer(0)
-    checkpointer = DCNv2Checkpointer(model, str(tmp_path), optimizer=optimizer)
+    checkpointer = AtomicCheckpointer(model, str(tmp_path), optimizer=optimizer)
     checkpointer.save("model_final", iteration=9)
     before = (tmp_path / "model_final.pth").read_bytes()
 
@@ -69,7 +69,7 @@ def test_fault_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_final.pth"]
     fresh, fresh_optimizer = _model_and_optimizer(1)
-    resumed = DCNv2Checkpointer(fresh, str(tmp_path), optimizer=fresh_optimizer)
+    resumed = AtomicCheckpointer(fresh, str(tmp_path), optimizer=fresh_optimizer)
     extra = resumed.resume_or_load("", resume=True)
     assert extra["iteration"] == 9
     reference, reference_optimizer = _model_and_optimizer(0)
@@ -98,7 +98,7 @@ def test_fault_while_tagging_keeps_last_checkpoint(tmp_path, monkeypatch):
     """The checkpoint is complete before ``last_checkpoint`` moves; a failure in between leaves the
     old tag (pointing at a complete file) and the new complete file."""
     model, optimizer = _model_and_optimizer(0)
-    checkpointer = DCNv2Checkpointer(model, str(tmp_path), optimizer=optimizer)
+    checkpointer = AtomicCheckpointer(model, str(tmp_path), optimizer=optimizer)
     checkpointer.save("model_0000001")
     real_replace = os.replace
 
@@ -165,10 +165,10 @@ def _scheduler_steps(checkpoint):
 
 
 def _resumed_trainer(out, max_iter):
-    """train_net.Trainer as `--resume` builds it, in this process."""
+    """train_net.py's trainer as `--resume` builds it, in this process."""
     sys.path.insert(0, str(REPO))
     try:
-        from train_net import Trainer, setup
+        from train_net import DCNv2Trainer, setup
     finally:
         sys.path.remove(str(REPO))
     from detectron2.engine import default_argument_parser
@@ -176,7 +176,7 @@ def _resumed_trainer(out, max_iter):
     opts = TINY + ["SOLVER.MAX_ITER", str(max_iter), "OUTPUT_DIR", str(out), "MODEL.DEVICE", "cpu"]
     argv = ["--config-file", str(REPO / CONFIG), "--resume", *opts]
     args = default_argument_parser().parse_args(argv)
-    trainer = Trainer(setup(args))
+    trainer = DCNv2Trainer(setup(args))
     trainer.resume_or_load(resume=True)
     return trainer
 

@@ -10,7 +10,8 @@
 ``--input`` takes image files, folders (every .jpg/.jpeg/.png/.bmp in them) and glob patterns.
 Each result is written as ``<output>/<prefix><image stem>.png``. Runs on the config's
 ``MODEL.DEVICE`` (the quick configs say cpu; pass ``MODEL.DEVICE cuda`` for a GPU).
-Weights load through ``DCNv2Checkpointer``, so MMDetection and torchvision checkpoints work too.
+The model is built and its weights loaded by ``projects_dcnv2.engine.build_inference_model``
+(MMDetection and torchvision checkpoints work too).
 Needs OpenCV (``pip install opencv-python-headless``), which Detectron2's ``Visualizer`` imports.
 """
 
@@ -20,21 +21,16 @@ import os
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 
 from projects_dcnv2 import load_dcnv2_config  # (the import registers the components)
-from projects_dcnv2.checkpoint import DCNv2Checkpointer
+from projects_dcnv2.engine import build_inference_model, inference_input
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-
-
-def setup_cfg(args):
-    threshold = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.confidence_threshold]
-    return load_dcnv2_config(args.config_file, list(args.opts) + threshold)
 
 
 def expand_inputs(items):
@@ -88,36 +84,25 @@ def get_parser():
     return parser
 
 
-class _Predictor(DefaultPredictor):
-    """``DefaultPredictor`` whose weights load through ``DCNv2Checkpointer`` (MMDetection and
-    torchvision checkpoints are converted on load)."""
-
-    def __init__(self, cfg):
-        weights = cfg.MODEL.WEIGHTS
-        cfg = cfg.clone()
-        cfg.defrost()
-        cfg.MODEL.WEIGHTS = ""  # DefaultPredictor's own loader is skipped
-        cfg.freeze()
-        super().__init__(cfg)
-        DCNv2Checkpointer(self.model).load(weights)
-
-
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    cfg = setup_cfg(args)
+    threshold = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.confidence_threshold]
+    cfg = load_dcnv2_config(args.config_file, [*args.opts, *threshold])
     paths = expand_inputs(args.input)
-    predictor = _Predictor(cfg)
+    model = build_inference_model(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
     os.makedirs(args.output, exist_ok=True)
     written = []
     for path in paths:
-        image_bgr = read_image(path, format="BGR")  # DefaultPredictor takes BGR, like cv2.imread
+        image = read_image(path, format=cfg.INPUT.FORMAT)
         start = time.perf_counter()
-        instances = predictor(image_bgr)["instances"]
+        with torch.no_grad():
+            instances = model([inference_input(cfg, image)])[0]["instances"]
         elapsed = time.perf_counter() - start
-        longer = max(image_bgr.shape[:2])
+        longer = max(image.shape[:2])
         scale = args.display_size / longer if 0 < longer < args.display_size else 1.0
-        drawn = draw(np.ascontiguousarray(image_bgr[:, :, ::-1]), instances, metadata, scale)
+        image_rgb = image if cfg.INPUT.FORMAT == "RGB" else image[:, :, ::-1]
+        drawn = draw(np.ascontiguousarray(image_rgb), instances, metadata, scale)
         stem = os.path.splitext(os.path.basename(path))[0]
         out_path = os.path.join(args.output, f"{args.prefix}{stem}.png")
         Image.fromarray(drawn).save(out_path, optimize=True)

@@ -31,9 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import detectron2.data.transforms as T  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
 
 from projects_dcnv2 import load_dcnv2_config  # noqa: E402  (import registers the components)
 from projects_dcnv2.analysis import (  # noqa: E402
@@ -43,7 +41,7 @@ from projects_dcnv2.analysis import (  # noqa: E402
     select_fields,
     unit_centres,
 )
-from projects_dcnv2.checkpoint import DCNv2Checkpointer  # noqa: E402
+from projects_dcnv2.engine import build_inference_model, inference_input  # noqa: E402
 from projects_dcnv2.modeling.poolers import MDPoolROIPooler  # noqa: E402
 
 __all__ = ["draw_bins", "draw_sampling", "main"]
@@ -196,11 +194,6 @@ def draw_bins(image, detections, path, class_names, panel_inches=4.0):
 # Command line
 
 
-def setup_cfg(args):
-    threshold = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.confidence_threshold]
-    return load_dcnv2_config(args.config_file, list(args.opts) + threshold)
-
-
 def _parse_positions(items):
     points = []
     for item in items:
@@ -276,16 +269,14 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    cfg = setup_cfg(args)
-    model = build_model(cfg).eval()
-    DCNv2Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+    threshold = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.confidence_threshold]
+    cfg = load_dcnv2_config(args.config_file, [*args.opts, *threshold])
+    model = build_inference_model(cfg)
 
     original = read_image(args.input, format=cfg.INPUT.FORMAT)  # (H, W, 3) uint8
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    resized = aug.get_transform(original).apply_image(original)
-    scale = np.array([original.shape[0] / resized.shape[0], original.shape[1] / resized.shape[1]])
-    tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-    inputs = [{"image": tensor, "height": resized.shape[0], "width": resized.shape[1]}]
+    inputs = [inference_input(cfg, original)]  # the image resized as the test loader does
+    resized_hw = inputs[0]["image"].shape[1:]
+    scale = np.array([original.shape[0] / resized_hw[0], original.shape[1] / resized_hw[1]])
 
     features = {}
     hook = model.backbone.register_forward_hook(lambda m, a, out: features.update(out))
@@ -314,7 +305,7 @@ def main(argv=None):
             wanted = _parse_positions(args.positions) / scale  # -> model input pixels
         else:
             boxes = instances.pred_boxes.tensor.numpy()
-            wanted = _default_positions(boxes, resized.shape[:2])
+            wanted = _default_positions(boxes, tuple(resized_hw))
         units = unit_centres(chosen[0], wanted)
         locations, weights = compose_sampling_locations(chosen, units)
         path = os.path.join(args.output, f"sampling_{name}.png")

@@ -1,17 +1,18 @@
-"""Key mapping between MMDetection / torchvision checkpoints and this project's Detectron2 models.
+"""Key names: MMDetection / torchvision checkpoints -> this project's Detectron2 models.
 
 Covers the R-50-FPN Faster / Mask R-CNN layout of MMDetection's ``configs/dcnv2`` model zoo:
 ResNet (``backbone.*``, torchvision naming) with DCNv2 offset convs, FPN (``neck.*``), RPN
 (``rpn_head.*``), the 2-FC box head and 4-conv mask head (``roi_head.*``) and the per-level mdpool
-offset / mask FCs (``roi_head.bbox_roi_extractor.roi_layers.{l}.*``).
+offset / mask FCs (``roi_head.bbox_roi_extractor.roi_layers.{l}.*``). A torchvision ImageNet
+ResNet uses the same backbone names without ``backbone.``.
 
 Tensors are never permuted (conv offsets are [group][tap][dy, dx] in both code bases, class order
-and "background last" agree, anchors and deltas are in the same order); only names change, and
-``num_batches_tracked`` is dropped. Half-precision tensors are cast to float32.
+and "background last" agree, anchors and deltas are in the same order); only names change,
+``num_batches_tracked`` is dropped and half-precision tensors are cast to float32.
 
 Every mapping is a pair of templates whose ``{name}`` fields are integers (shifted by a fixed
 amount, e.g. MMDetection's ``layer1`` is Detectron2's ``res2``) or ``{p}``, a parameter / buffer
-name; the same table is read in both directions, so ``convert_d2_to_mmdet`` is the exact inverse.
+name. The Detectron2 side also tells which report component a model key belongs to.
 """
 
 import collections
@@ -21,68 +22,12 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = [
-    "COMPONENTS",
-    "ConversionReport",
-    "component_of",
-    "convert_d2_to_mmdet",
-    "convert_mmdet_to_d2",
-    "convert_torchvision_to_d2",
-    "find_bottom_up_prefix",
-    "guess_format",
-    "unwrap_state_dict",
-]
+__all__ = ["ConversionReport", "convert_mmdet_to_d2", "convert_torchvision_to_d2", "guess_format"]
 
 BOTTOM_UP = "backbone.bottom_up."  # where a ResNet-FPN model keeps its ResNet
 COMPONENTS = ("backbone", "offset convs", "fpn", "rpn", "box head", "mask head", "mdpool")
 
 _LEAF = r"(?P<p>weight|bias|running_mean|running_var)"
-
-
-class _Rule:
-    """One name pattern, in MMDetection / torchvision spelling (``mm``) and in Detectron2's
-    (``d2``), and the report component (one of :data:`COMPONENTS`) its keys belong to.
-    ``shift[f]`` is added to integer field ``f`` going mm -> d2. ``legacy``: MMCV's old offset
-    naming, read but not written by default; ``class_specific``: one row per class (dimension 0
-    depends on the number of classes)."""
-
-    def __init__(
-        self,
-        mm: str,
-        d2: str,
-        component: str,
-        shift: Optional[Dict[str, int]] = None,
-        *,
-        legacy: bool = False,
-        class_specific: bool = False,
-    ):
-        if component not in COMPONENTS:
-            raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
-        self.mm, self.d2, self.component, self.shift = mm, d2, component, shift or {}
-        self.legacy, self.class_specific = legacy, class_specific
-        self._mm_re, self._d2_re = _compile(mm), _compile(d2)
-
-    def matches_d2(self, key: str) -> bool:
-        return self.to_mm(key) is not None
-
-    def to_d2(self, key: str) -> Optional[str]:
-        return self._apply(self._mm_re, self.d2, key, +1)
-
-    def to_mm(self, key: str) -> Optional[str]:
-        return self._apply(self._d2_re, self.mm, key, -1)
-
-    def _apply(self, pattern, template, key, sign):
-        match = pattern.fullmatch(key)
-        if match is None:
-            return None
-        fields = {}
-        for name, value in match.groupdict().items():
-            if name != "p":
-                value = int(value) + sign * self.shift.get(name, 0)
-                if value < 0:
-                    return None
-            fields[name] = value
-        return template.format(**fields)
 
 
 def _compile(template: str):
@@ -92,6 +37,29 @@ def _compile(template: str):
         for i, part in enumerate(parts)
     )
     return re.compile(regex)
+
+
+class _Rule:
+    """One name pattern, in MMDetection / torchvision spelling (``mm``) and in Detectron2's
+    (``d2``), and the report component (one of :data:`COMPONENTS`) its keys belong to.
+    ``shift[f]`` is added to integer field ``f`` going mm -> d2. ``legacy``: MMCV's old offset
+    naming; ``class_specific``: one row per class (dimension 0 depends on the number of classes)."""
+
+    def __init__(self, mm, d2, component, shift=None, *, legacy=False, class_specific=False):
+        if component not in COMPONENTS:
+            raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+        self.mm, self.d2, self.component, self.shift = mm, d2, component, shift or {}
+        self.legacy, self.class_specific = legacy, class_specific
+        self._mm_re = _compile(mm)
+
+    def to_d2(self, key: str) -> Optional[str]:
+        match = self._mm_re.fullmatch(key)
+        if match is None:
+            return None
+        shifted = {
+            f: int(v) + self.shift.get(f, 0) for f, v in match.groupdict().items() if f != "p"
+        }
+        return self.d2.format(**{**match.groupdict(), **shifted})
 
 
 # ResNet, relative to "backbone." (MMDetection) / "" (torchvision) and to the bottom-up prefix
@@ -105,10 +73,7 @@ _RESNET_RULES = [
     _Rule("layer{s}.{b}.downsample.1.{p}", "res{s}.{b}.shortcut.norm.{p}", "backbone", {"s": 1}),
     # DCNv2 offset/mask conv: MMCV >= v2 Pack naming, and the legacy sibling "<conv>_offset".
     _Rule("layer{s}.{b}.conv2.conv_offset.{p}", "res{s}.{b}.conv2_offset.{p}", "offset convs", {"s": 1}),
-    _Rule(
-        "layer{s}.{b}.conv2_offset.{p}", "res{s}.{b}.conv2_offset.{p}", "offset convs", {"s": 1},
-        legacy=True,
-    ),
+    _Rule("layer{s}.{b}.conv2_offset.{p}", "res{s}.{b}.conv2_offset.{p}", "offset convs", {"s": 1}, legacy=True),
 ]  # fmt: skip
 
 # Everything after the ResNet; absolute names on both sides.
@@ -120,31 +85,14 @@ _HEAD_RULES = [
     _Rule("rpn_head.rpn_cls.{p}", "proposal_generator.rpn_head.objectness_logits.{p}", "rpn"),
     _Rule("rpn_head.rpn_reg.{p}", "proposal_generator.rpn_head.anchor_deltas.{p}", "rpn"),
     _Rule("roi_head.bbox_head.shared_fcs.{i}.{p}", "roi_heads.box_head.fc{i}.{p}", "box head", {"i": 1}),
-    _Rule(
-        "roi_head.bbox_head.fc_cls.{p}", "roi_heads.box_predictor.cls_score.{p}", "box head",
-        class_specific=True,
-    ),
-    _Rule(
-        "roi_head.bbox_head.fc_reg.{p}", "roi_heads.box_predictor.bbox_pred.{p}", "box head",
-        class_specific=True,
-    ),
+    _Rule("roi_head.bbox_head.fc_cls.{p}", "roi_heads.box_predictor.cls_score.{p}", "box head", class_specific=True),
+    _Rule("roi_head.bbox_head.fc_reg.{p}", "roi_heads.box_predictor.bbox_pred.{p}", "box head", class_specific=True),
     _Rule("roi_head.mask_head.convs.{i}.conv.{p}", "roi_heads.mask_head.mask_fcn{i}.{p}", "mask head", {"i": 1}),
     _Rule("roi_head.mask_head.upsample.{p}", "roi_heads.mask_head.deconv.{p}", "mask head"),
-    _Rule(
-        "roi_head.mask_head.conv_logits.{p}", "roi_heads.mask_head.predictor.{p}", "mask head",
-        class_specific=True,
-    ),
+    _Rule("roi_head.mask_head.conv_logits.{p}", "roi_heads.mask_head.predictor.{p}", "mask head", class_specific=True),
     # mdpool: one ModulatedDeformRoIPoolPack per FPN level l, nn.Sequential indices j kept.
-    _Rule(
-        "roi_head.bbox_roi_extractor.roi_layers.{l}.offset_fc.{j}.{p}",
-        "roi_heads.box_pooler.level_poolers.{l}.offset_fc.{j}.{p}",
-        "mdpool",
-    ),
-    _Rule(
-        "roi_head.bbox_roi_extractor.roi_layers.{l}.mask_fc.{j}.{p}",
-        "roi_heads.box_pooler.level_poolers.{l}.mask_fc.{j}.{p}",
-        "mdpool",
-    ),
+    _Rule("roi_head.bbox_roi_extractor.roi_layers.{l}.offset_fc.{j}.{p}", "roi_heads.box_pooler.level_poolers.{l}.offset_fc.{j}.{p}", "mdpool"),
+    _Rule("roi_head.bbox_roi_extractor.roi_layers.{l}.mask_fc.{j}.{p}", "roi_heads.box_pooler.level_poolers.{l}.mask_fc.{j}.{p}", "mdpool"),
 ]  # fmt: skip
 
 
@@ -160,47 +108,20 @@ _MMDET_PREFIXES = tuple(
     )
 )
 _TORCHVISION_PREFIXES = tuple(sorted({_literal_prefix(r.mm) for r in _RESNET_RULES} | {"fc."}))
-# Detectron2 module prefix -> component, for keys no rule names (e.g. a GroupNorm box head).
+# Detectron2 module prefix -> component, and the layers with one row per class.
 _D2_MODULES = {
     _literal_prefix(".".join(r.d2.split(".")[:2]) + "."): r.component for r in _HEAD_RULES
 }
 _D2_PREFIXES = (BOTTOM_UP,) + tuple(_D2_MODULES)
-
-
-def rule_of(d2_key: str, bottom_up_prefix: str = BOTTOM_UP) -> Optional[_Rule]:
-    """The rule that names a Detectron2 key of one of this project's models, or None."""
-    if d2_key.startswith(bottom_up_prefix):
-        resnet_key = d2_key[len(bottom_up_prefix) :]
-        for rule in _RESNET_RULES:
-            if rule.matches_d2(resnet_key):
-                return rule
-    for rule in _HEAD_RULES:
-        if rule.matches_d2(d2_key):
-            return rule
-    return None
+CLASS_SPECIFIC = tuple(_literal_prefix(r.d2) for r in _HEAD_RULES if r.class_specific)
 
 
 def component_of(d2_key: str, bottom_up_prefix: str = BOTTOM_UP) -> str:
     """The report bucket of a Detectron2 key: one of :data:`COMPONENTS`, or "other"."""
-    rule = rule_of(d2_key, bottom_up_prefix)
-    if rule is not None:
-        return rule.component
-    if d2_key.startswith(bottom_up_prefix):
-        return "backbone"
-    for prefix, component in _D2_MODULES.items():
-        if d2_key.startswith(prefix):
-            return component
-    return "other"
-
-
-def find_bottom_up_prefix(model_keys) -> Optional[str]:
-    """Where a model keeps its ResNet: "backbone.bottom_up." (ResNet-FPN), "backbone." (plain
-    ResNet backbone), "" (a bare ResNet), or None when it has no ResNet stem."""
-    model_keys = set(model_keys)
-    for prefix in (BOTTOM_UP, "backbone.", ""):
-        if prefix + "stem.conv1.weight" in model_keys:
-            return prefix
-    return None
+    component = next((c for p, c in _D2_MODULES.items() if d2_key.startswith(p)), None)
+    if component is None and d2_key.startswith(bottom_up_prefix):
+        component = "offset convs" if ".conv2_offset." in d2_key else "backbone"
+    return component or "other"
 
 
 @dataclass
@@ -215,7 +136,7 @@ class ConversionReport:
 
     source: str
     name: str = "checkpoint"
-    counts: Dict[str, int] = field(default_factory=dict)
+    counts: Dict[str, int] = field(default_factory=collections.Counter)
     dropped: List[str] = field(default_factory=list)
     legacy_offset_keys: int = 0
     cast_to_float32: List[str] = field(default_factory=list)
@@ -231,17 +152,19 @@ class ConversionReport:
         counts = ", ".join(f"{c} {self.counts.get(c, 0)}" for c in COMPONENTS)
         lines = [f"{self.source} -> Detectron2: {self.num_converted} tensors ({counts})"]
         if self.dropped:
-            kinds = collections.Counter(_drop_kind(k) for k in self.dropped)
-            lines.append(
-                "  dropped: " + ", ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items()))
-            )
+            kinds = collections.Counter(
+                "num_batches_tracked" if k.endswith("num_batches_tracked")
+                else "fc.* (ImageNet classifier)" if k.startswith("fc.") else k
+                for k in self.dropped
+            )  # fmt: skip
+            lines.append("  dropped: " + ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items())))
         if self.legacy_offset_keys:
             lines.append(f"  legacy '<conv>_offset' keys renamed: {self.legacy_offset_keys}")
         if self.cast_to_float32:
             lines.append(f"  half-precision tensors cast to float32: {len(self.cast_to_float32)}")
         if self.unmapped:
             lines.append(
-                f"  unmapped (not converted): {len(self.unmapped)}: {_short_list(self.unmapped)}"
+                f"  unmapped (not converted): {len(self.unmapped)}: {short_list(self.unmapped)}"
             )
         if self.not_loaded:
             parts = ", ".join(f"{c} {n}" for c, n in self.not_loaded.items())
@@ -253,23 +176,14 @@ class ConversionReport:
                 )
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.summary()
+
+def short_list(items, limit: int = 6, sep: str = ", ") -> str:
+    """The first ``limit`` items joined by ``sep``, then how many more there are."""
+    items = list(items)
+    return sep.join(items[:limit] + [f"... and {len(items) - limit} more"] * (len(items) > limit))
 
 
-def _drop_kind(key: str) -> str:
-    if key.endswith("num_batches_tracked"):
-        return "num_batches_tracked"
-    return "fc.* (ImageNet classifier)" if key.startswith("fc.") else key
-
-
-def _short_list(keys, limit: int = 6) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def unwrap_state_dict(checkpoint: Mapping) -> Mapping:
+def _unwrap(checkpoint: Mapping) -> Mapping:
     """The state dict of an MMCV-style checkpoint (``{"meta", "state_dict"}``) or the mapping
     itself; a DataParallel ``module.`` prefix is removed."""
     state_dict = checkpoint.get("state_dict", checkpoint)
@@ -278,9 +192,7 @@ def unwrap_state_dict(checkpoint: Mapping) -> Mapping:
             f"checkpoint['state_dict'] must be a mapping, got {type(state_dict).__name__}"
         )
     if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = collections.OrderedDict(
-            (k[len("module.") :], v) for k, v in state_dict.items()
-        )
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -289,11 +201,9 @@ def guess_format(state_dict: Mapping) -> Optional[str]:
     (anything else, e.g. a Detectron2 checkpoint). Accepts a state dict or an MMCV-style
     ``{"meta", "state_dict"}`` checkpoint."""
     if isinstance(state_dict.get("state_dict"), Mapping):
-        state_dict = unwrap_state_dict(state_dict)
+        state_dict = _unwrap(state_dict)
     keys = [k for k in state_dict if isinstance(k, str)]
-    if not keys or len(keys) != len(state_dict):
-        return None
-    if any(k.startswith(_D2_PREFIXES) for k in keys):
+    if not keys or len(keys) != len(state_dict) or any(k.startswith(_D2_PREFIXES) for k in keys):
         return None
     if any(k.startswith(_MMDET_PREFIXES) for k in keys):
         return "mmdet"
@@ -303,28 +213,27 @@ def guess_format(state_dict: Mapping) -> Optional[str]:
     return None
 
 
-def _convert(items, rules, source: str, mm_prefix: str, d2_prefix: str, drop, strict: bool):
+def _rename(key, rules, src, dst):
+    """(rule, Detectron2 name) of the first rule naming ``key`` (after ``src``), or (None, None)."""
+    if key.startswith(src):
+        for rule in rules:
+            new_key = rule.to_d2(key[len(src) :])
+            if new_key is not None:
+                return rule, dst + new_key
+    return None, None
+
+
+def _convert(state_dict, source, resnet_prefix, heads, drop_prefixes, bottom_up_prefix, strict):
     report = ConversionReport(source=source)
-    converted = collections.OrderedDict()
-    origin = {}
-    for key, value in items:
-        if drop(key):
+    converted, origin = collections.OrderedDict(), {}
+    for key, value in _unwrap(state_dict).items():
+        if key.endswith(".num_batches_tracked") or key.startswith(drop_prefixes):
             report.dropped.append(key)
             continue
-        new_key = rule = None
-        if key.startswith(mm_prefix):
-            for rule in rules["resnet"]:
-                new_key = rule.to_d2(key[len(mm_prefix) :])
-                if new_key is not None:
-                    new_key = d2_prefix + new_key
-                    report.legacy_offset_keys += rule.legacy
-                    break
-        if new_key is None:
-            for rule in rules["heads"]:
-                new_key = rule.to_d2(key)
-                if new_key is not None:
-                    break
-        if new_key is None:
+        rule, new_key = _rename(key, _RESNET_RULES, resnet_prefix, bottom_up_prefix)
+        if rule is None:
+            rule, new_key = _rename(key, heads, "", "")
+        if rule is None:
             report.unmapped.append(key)
             continue
         if new_key in converted:
@@ -339,13 +248,13 @@ def _convert(items, rules, source: str, mm_prefix: str, d2_prefix: str, drop, st
         if value.dtype in (torch.float16, torch.bfloat16):
             value = value.float()
             report.cast_to_float32.append(key)
-        converted[new_key] = value
-        origin[new_key] = key
-        report.counts[rule.component] = report.counts.get(rule.component, 0) + 1
+        converted[new_key], origin[new_key] = value, key
+        report.counts[rule.component] += 1
+        report.legacy_offset_keys += rule.legacy
     if report.unmapped and strict:
         raise ValueError(
             f"{len(report.unmapped)} {source} keys have no Detectron2 equivalent in this project "
-            f"(R-50-FPN Faster/Mask R-CNN with DCNv2 / mdpool): {_short_list(report.unmapped, 12)}"
+            f"(R-50-FPN Faster/Mask R-CNN with DCNv2 / mdpool): {short_list(report.unmapped, 12)}"
         )
     return converted, report
 
@@ -365,16 +274,8 @@ def convert_mmdet_to_d2(
         (Detectron2 state dict, :class:`ConversionReport`). Tensors are shared, not copied
         (half precision is cast to float32).
     """
-    state_dict = unwrap_state_dict(state_dict)
-    rules = {"resnet": _RESNET_RULES, "heads": _HEAD_RULES}
     return _convert(
-        state_dict.items(),
-        rules,
-        "MMDetection",
-        "backbone.",
-        bottom_up_prefix,
-        lambda k: k.endswith(".num_batches_tracked"),
-        strict,
+        state_dict, "MMDetection", "backbone.", _HEAD_RULES, (), bottom_up_prefix, strict
     )
 
 
@@ -384,70 +285,4 @@ def convert_torchvision_to_d2(
     """Rename a torchvision ImageNet ResNet (``conv1.weight``, ``layer1.0.conv1.weight``, ...,
     ``fc.*``) onto a Detectron2 ResNet under ``bottom_up_prefix``; ``fc.*`` and
     ``num_batches_tracked`` are dropped. Same return value as :func:`convert_mmdet_to_d2`."""
-    state_dict = unwrap_state_dict(state_dict)
-    rules = {"resnet": _RESNET_RULES, "heads": []}
-    return _convert(
-        state_dict.items(),
-        rules,
-        "torchvision",
-        "",
-        bottom_up_prefix,
-        lambda k: k.endswith(".num_batches_tracked") or k.startswith("fc."),
-        strict,
-    )
-
-
-def convert_d2_to_mmdet(
-    state_dict: Mapping,
-    *,
-    meta: Optional[dict] = None,
-    bottom_up_prefix: str = BOTTOM_UP,
-    legacy_offset_names: bool = False,
-) -> dict:
-    """The inverse of :func:`convert_mmdet_to_d2`: an MMDetection-format checkpoint.
-
-    Args:
-        state_dict: Detectron2 state dict of one of this project's models.
-        meta: stored as ``checkpoint["meta"]`` (a small default naming this exporter otherwise).
-        bottom_up_prefix: where the model keeps its ResNet.
-        legacy_offset_names: write offset convs as ``layerL.B.conv2_offset.*`` (MMCV's version-1
-            naming) instead of ``layerL.B.conv2.conv_offset.*``.
-
-    Returns:
-        ``{"meta": dict, "state_dict": OrderedDict}``, with a ``num_batches_tracked`` (int64 zero)
-        after every BatchNorm's ``running_var``, as ``torch.nn.BatchNorm2d`` stores it.
-
-    Raises:
-        ValueError: naming the keys that have no MMDetection name.
-    """
-    resnet = [r for r in _RESNET_RULES if r.legacy == legacy_offset_names or "offset" not in r.mm]
-    out = collections.OrderedDict()
-    unmapped = []
-    for key, value in state_dict.items():
-        new_key = None
-        if key.startswith(bottom_up_prefix):
-            for rule in resnet:
-                new_key = rule.to_mm(key[len(bottom_up_prefix) :])
-                if new_key is not None:
-                    new_key = "backbone." + new_key
-                    break
-        else:
-            for rule in _HEAD_RULES:
-                new_key = rule.to_mm(key)
-                if new_key is not None:
-                    break
-        if new_key is None:
-            unmapped.append(key)
-            continue
-        out[new_key] = value
-        if new_key.startswith("backbone.") and new_key.endswith(".running_var"):
-            out[new_key[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(
-                0, dtype=torch.long
-            )
-    if unmapped:
-        raise ValueError(
-            f"{len(unmapped)} Detectron2 keys have no MMDetection name: {_short_list(unmapped, 12)}"
-        )
-    if meta is None:
-        meta = {"exported_by": "projects_dcnv2.checkpoint.convert_d2_to_mmdet"}
-    return {"meta": dict(meta), "state_dict": out}
+    return _convert(state_dict, "torchvision", "", [], ("fc.",), bottom_up_prefix, strict)

@@ -1,6 +1,6 @@
 """Check that a converted checkpoint fits a model before anything is loaded.
 
-Two scopes:
+Two scopes, chosen from the checkpoint's keys:
 
 * ``"model"`` (a whole MMDetection detector): the key sets must be equal and every shape must
   match; nothing may be left over, and only what such a detector never has may be missing: the
@@ -16,11 +16,11 @@ mask head).
 """
 
 import collections
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
-from .convert import BOTTOM_UP, _short_list, component_of, rule_of
+from .convert import BOTTOM_UP, CLASS_SPECIFIC, component_of, short_list
 
-__all__ = ["CheckpointMismatchError", "check_checkpoint_fits", "checkpoint_scope"]
+__all__ = ["CheckpointMismatchError", "bottom_up_prefix", "check_checkpoint_fits"]
 
 # Buffers that Detectron2 versions may or may not save; never a reason to refuse a checkpoint.
 _IGNORED = ("pixel_mean", "pixel_std")
@@ -30,37 +30,40 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model built from the config; nothing has been loaded."""
 
 
-def checkpoint_scope(state_dict: Mapping, bottom_up_prefix: str = BOTTOM_UP) -> str:
-    """``"backbone"`` if every key is under the model's ResNet, else ``"model"``."""
-    return "backbone" if all(k.startswith(bottom_up_prefix) for k in state_dict) else "model"
-
-
-def _shape(t) -> Tuple[int, ...]:
-    return tuple(t.shape)
+def bottom_up_prefix(model_state: Mapping) -> str:
+    """Where a model keeps its ResNet: "backbone.bottom_up." (ResNet-FPN), "backbone." (plain
+    ResNet backbone) or "" (a bare ResNet)."""
+    for prefix in (BOTTOM_UP, "backbone.", ""):
+        if prefix + "stem.conv1.weight" in model_state:
+            return prefix
+    raise CheckpointMismatchError(
+        "the model has no ResNet stem (no '*stem.conv1.weight' parameter), so MMDetection / "
+        "torchvision ResNet weights have nowhere to go"
+    )
 
 
 def _describe_shapes(items, limit=6) -> str:
-    shown = [f"    {k}: checkpoint {c} vs model {m}" for k, c, m in items[:limit]]
-    if len(items) > limit:
-        shown.append(f"    ... and {len(items) - limit} more")
-    return "\n".join(shown)
+    return "    " + short_list(
+        [f"{k}: checkpoint {c} vs model {m}" for k, c, m in items], limit, "\n    "
+    )
 
 
 def _describe_keys(keys, limit=6) -> str:
-    return "    " + _short_list(sorted(keys), limit)
+    return "    " + short_list(sorted(keys), limit)
 
 
-def _deform_groups(out_channels: int, weight_shape: Tuple[int, ...]) -> str:
-    taps = weight_shape[-1] * weight_shape[-2] if len(weight_shape) == 4 else 9
-    groups, rest = divmod(out_channels, 3 * taps)
-    return str(groups) if rest == 0 else f"? ({out_channels} is not a multiple of 3*{taps})"
+def _deform_groups(shape: Tuple[int, ...]) -> str:
+    """Deformable groups of an offset conv's weight (C_out, C_in, kh, kw) or bias (C_out,)."""
+    taps = shape[-1] * shape[-2] if len(shape) == 4 else 9
+    groups, rest = divmod(shape[0], 3 * taps)
+    return str(groups) if rest == 0 else f"? ({shape[0]} is not a multiple of 3*{taps})"
 
 
 def check_checkpoint_fits(
     checkpoint: Mapping,
     model_state: Mapping,
     *,
-    scope: str = "model",
+    scope: Optional[str] = None,
     bottom_up_prefix: str = BOTTOM_UP,
     name: str = "checkpoint",
 ) -> Dict[str, List[str]]:
@@ -69,13 +72,16 @@ def check_checkpoint_fits(
     Args:
         checkpoint: converted state dict (key -> tensor).
         model_state: ``model.state_dict()`` of the target model.
-        scope: "model" or "backbone", see the module docstring.
+        scope: "model" or "backbone", see the module docstring; None: "backbone" if every
+            checkpoint key is under the model's ResNet, else "model".
         bottom_up_prefix: where the model keeps its ResNet.
         name: how to call the checkpoint in messages (e.g. its path).
 
     Returns:
         dict component -> model keys the checkpoint leaves at their initialisation.
     """
+    if scope is None:
+        scope = "backbone" if all(k.startswith(bottom_up_prefix) for k in checkpoint) else "model"
     if scope not in ("model", "backbone"):
         raise ValueError(f"scope must be 'model' or 'backbone', got {scope!r}")
     model_keys = {k for k in model_state if k not in _IGNORED}
@@ -83,9 +89,9 @@ def check_checkpoint_fits(
     unexpected = ckpt_keys - model_keys
     missing = model_keys - ckpt_keys
     shapes = sorted(
-        (k, _shape(checkpoint[k]), _shape(model_state[k]))
+        (k, tuple(checkpoint[k].shape), tuple(model_state[k].shape))
         for k in ckpt_keys & model_keys
-        if _shape(checkpoint[k]) != _shape(model_state[k])
+        if tuple(checkpoint[k].shape) != tuple(model_state[k].shape)
     )
 
     expected_missing = collections.defaultdict(list)
@@ -113,39 +119,35 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
     problems = []
     unexpected, missing, shapes = set(unexpected), set(missing), list(shapes)
 
-    def is_offset(k):
-        return component_of(k, bottom_up_prefix) == "offset convs"
+    def rows_differ(s):  # (key, checkpoint shape, model shape): output channels (dim 0) differ
+        return s[1][:1] != s[2][:1]
 
-    def is_class_specific(k):
-        rule = rule_of(k, bottom_up_prefix)
-        return rule is not None and rule.class_specific
-
-    # (key, checkpoint shape, model shape) whose output channels (dim 0) differ.
-    offset_shapes = [s for s in shapes if is_offset(s[0]) and s[1][:1] != s[2][:1]]
+    offset_shapes = [
+        s
+        for s in shapes
+        if component_of(s[0], bottom_up_prefix) == "offset convs" and rows_differ(s)
+    ]
     if offset_shapes:
-        _, ckpt, model = ([s for s in offset_shapes if s[0].endswith(".weight")] or offset_shapes)[
-            0
-        ]
+        weights = [s for s in offset_shapes if s[0].endswith(".weight")]
+        _, ckpt, model = (weights or offset_shapes)[0]
         problems.append(
-            f"- deformable groups differ: checkpoint {_deform_groups(ckpt[0], ckpt)}, model "
-            f"{_deform_groups(model[0], model)} (offset convs have 3 x taps x groups output "
+            f"- deformable groups differ: checkpoint {_deform_groups(ckpt)}, model "
+            f"{_deform_groups(model)} (offset convs have 3 x taps x groups output "
             f"channels: {ckpt[0]} vs {model[0]}). Set MODEL.RESNETS.DEFORM_NUM_GROUPS to the "
             "checkpoint's (dg=4: configs/faster_rcnn_R50_FPN_mdconv_dg4.yaml).\n"
             + _describe_shapes(offset_shapes)
         )
         shapes = [s for s in shapes if s not in offset_shapes]
 
-    class_shapes = [s for s in shapes if is_class_specific(s[0]) and s[1][:1] != s[2][:1]]
+    class_shapes = [s for s in shapes if s[0].startswith(CLASS_SPECIFIC) and rows_differ(s)]
     if class_shapes:
-        cls = [s for s in class_shapes if s[0] == "roi_heads.box_predictor.cls_score.weight"]
-        if cls:
-            _, ckpt, model = cls[0]
-            what = (
-                f"the checkpoint has {ckpt[0] - 1} classes (+ background), the model "
-                f"MODEL.ROI_HEADS.NUM_CLASSES = {model[0] - 1}"
-            )
-        else:
-            what = "the class-specific layers differ"
+        what = "the class-specific layers differ"
+        for key, ckpt, model in class_shapes:
+            if key == "roi_heads.box_predictor.cls_score.weight":
+                what = (
+                    f"the checkpoint has {ckpt[0] - 1} classes (+ background), the model "
+                    f"MODEL.ROI_HEADS.NUM_CLASSES = {model[0] - 1}"
+                )
         problems.append(f"- number of classes differs: {what}.\n" + _describe_shapes(class_shapes))
         shapes = [s for s in shapes if s not in class_shapes]
 

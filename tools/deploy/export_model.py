@@ -26,8 +26,8 @@ that error, or use ``--backbone-only``.
 
 After writing, the tool runs each exported file on the sample input (``--sample-image``, else the
 first test image) and prints its largest difference from PyTorch. ``--run-eval`` evaluates the
-exported whole model (ONNX Runtime or TorchScript) with train_net.py's ``COCOEvaluator`` on
-``DATASETS.TEST``. Files with our operators (every format but ONNX) need ``import projects_dcnv2``
+exported whole model (ONNX Runtime or TorchScript) with train_net.py's evaluator
+(``projects_dcnv2.engine.build_evaluator``) on ``DATASETS.TEST``. Files with our operators (every format but ONNX) need ``import projects_dcnv2``
 (which loads the extension) before they are loaded.
 """
 
@@ -36,18 +36,16 @@ import os
 import sys
 from collections import OrderedDict
 
-import numpy as np
 import torch
 
 from detectron2.data import build_detection_test_loader, detection_utils
-from detectron2.data import transforms as T
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.export import TracingAdapter
-from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.modeling import GeneralizedRCNN
 from detectron2.utils.logger import setup_logger
 
 from projects_dcnv2 import load_dcnv2_config  # (the import registers the components)
-from projects_dcnv2.checkpoint import DCNv2Checkpointer
+from projects_dcnv2.engine import build_evaluator, build_inference_model, inference_input
 from projects_dcnv2.export import TupleOutputs, UnsupportedOperatorError, export_onnx
 
 FORMATS = ("onnx", "torchscript", "pt2", "aoti")
@@ -83,22 +81,11 @@ def get_parser():
     return parser
 
 
-def build_torch_model(cfg):
-    """The config's model in eval mode, ``MODEL.WEIGHTS`` loaded through ``DCNv2Checkpointer``."""
-    model = build_model(cfg)
-    DCNv2Checkpointer(model).load(cfg.MODEL.WEIGHTS)
-    return model.eval()
-
-
 def get_sample_inputs(cfg, sample_image=None):
     """``[{"image": (3, H, W) float tensor, "height": h, "width": w}]`` as the test loader gives it."""
     if sample_image is None:
         return next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))
-    original = detection_utils.read_image(sample_image, format=cfg.INPUT.FORMAT)
-    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    image = resize.get_transform(original).apply_image(original)
-    image = torch.as_tensor(np.ascontiguousarray(image.astype("float32").transpose(2, 0, 1)))
-    return [{"image": image, "height": original.shape[0], "width": original.shape[1]}]
+    return [inference_input(cfg, detection_utils.read_image(sample_image, format=cfg.INPUT.FORMAT))]
 
 
 def backbone_input(model, inputs) -> torch.Tensor:
@@ -263,14 +250,6 @@ class ExportedRCNN:
         return results
 
 
-def _train_net_evaluator(cfg, dataset, output_folder):
-    """The COCO evaluator train_net.py evaluates with (fast COCOeval only with detectron2._C)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from train_net import Trainer
-
-    return Trainer.build_evaluator(cfg, dataset, output_folder)
-
-
 def _report(name, path, diffs, reference):
     scales = [r.abs().max().item() if r.numel() else 0.0 for r in reference]
     print(
@@ -284,7 +263,7 @@ def main(argv=None):
     setup_logger()  # Detectron2's logging (evaluation results, print_csv_format)
     cfg = load_dcnv2_config(args.config_file, args.opts)
     os.makedirs(args.output, exist_ok=True)
-    model = build_torch_model(cfg)
+    model = build_inference_model(cfg)
     inputs = get_sample_inputs(cfg, args.sample_image)
     result = OrderedDict()
 
@@ -315,7 +294,7 @@ def main(argv=None):
 
     if args.run_eval:
         dataset = cfg.DATASETS.TEST[0]
-        evaluator = _train_net_evaluator(cfg, dataset, os.path.join(args.output, "inference"))
+        evaluator = build_evaluator(cfg, dataset, os.path.join(args.output, "inference"))
         metrics = inference_on_dataset(
             ExportedRCNN(runner, adapter), build_detection_test_loader(cfg, dataset), evaluator
         )
