@@ -1,4 +1,5 @@
-# make setup: create .venv/ and install everything (torch, detectron2, this project with its extension).
+# make setup: create .venv/ and install everything (torch, detectron2, this project with its extension,
+#             including the test-only _emulated_cuda_* ops: DCNV2_BUILD_EMULATED_CUDA=1).
 # make test:  run the whole test suite from .venv/.
 # make lint:  ruff (lint + format check, pyproject.toml) and clang-format (.clang-format) on the tree;
 #             make format applies both formatters.
@@ -15,7 +16,7 @@ setup:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt
 	DETECTRON2_SOURCE=$(DETECTRON2_SOURCE) $(PY) dev/install_detectron2.py
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -v -e . --no-build-isolation --no-deps
+	DCNV2_BUILD_EMULATED_CUDA=1 MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -v -e . --no-build-isolation --no-deps
 	$(PY) -c "import projects_dcnv2, torch; print('projects_dcnv2 ready: CUDA kernels', 'built' if projects_dcnv2.layers.WITH_CUDA else 'not built')"
 
 # pytest exits with 5 when it collected no test: that is a failure here.

@@ -1,8 +1,11 @@
 """Builds projects_dcnv2 and its extension projects_dcnv2._C from csrc/.
 
 The CPU kernels are always built. The CUDA kernels are built whenever nvcc is found, GPU or not
-(DCNV2_WITH_CUDA=auto, the default; 1 forces them, 0 disables them). Without a visible GPU,
-TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100 and H100 class; sm_80 code also runs on sm_86/89).
+(DCNV2_WITH_CUDA=auto, the default; 1 forces them, 0 disables them). Architectures: an explicit
+TORCH_CUDA_ARCH_LIST wins; else with a visible GPU, torch's default (the visible cards); else machine
+code for every architecture the installed torch was built for, and PTX for the newest
+(default_cuda_arch_list). DCNV2_BUILD_EMULATED_CUDA=1 (set by `make setup`) adds the test-only
+_emulated_cuda_* operators: the CUDA kernels compiled for the host.
 """
 
 import glob
@@ -51,6 +54,49 @@ def _want_cuda():
     return found and torch.version.cuda is not None
 
 
+def _env_flag(name):
+    value = os.environ.get(name, "0").lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", "off", "on", ""):
+        sys.exit(f"{name}: expected 0 or 1, got {value!r}")
+    return value in ("1", "true", "yes", "on")
+
+
+def default_cuda_arch_list(torch_archs, nvcc_archs=None):
+    """TORCH_CUDA_ARCH_LIST for a build that sees no GPU and was given none.
+
+    Machine code for every architecture the installed torch was built for (torch_archs, as
+    torch.cuda.get_arch_list() spells them: ["sm_75", ..., "sm_120"]) and PTX for the newest, which
+    the driver compiles for any later card: "7.5;8.0;8.6;9.0;10.0;12.0+PTX". Where nvcc_archs (the
+    `nvcc --list-gpu-code` of the nvcc at hand) is given, architectures it cannot compile for are left
+    out. None when nothing is left (torch's own default then applies).
+    """
+    known = None if nvcc_archs is None else {a.rstrip("af") for a in nvcc_archs}
+    versions = set()
+    for arch in torch_archs:
+        if not arch.startswith("sm_"):  # compute_XX: PTX, added below for the newest only
+            continue
+        digits = arch[3:].rstrip("af")  # sm_90a: the arch-specific variant of 9.0
+        if not digits.isdigit() or (known is not None and "sm_" + digits not in known):
+            continue
+        versions.add((int(digits[:-1]), int(digits[-1])))
+    if not versions:
+        return None
+    names = [f"{major}.{minor}" for major, minor in sorted(versions)]
+    return ";".join(names) + "+PTX"
+
+
+def _nvcc_gpu_codes():
+    """The sm_XX codes the nvcc of CUDA_HOME compiles for, or None when it cannot say."""
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    try:
+        out = subprocess.run(
+            [nvcc, "--list-gpu-code"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.split() or None
+
+
 def _cxx_driver():
     """The C++ driver setuptools links with: $CXX when set, else Python's own."""
     return shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
@@ -81,10 +127,11 @@ def _extension():
     sources = [os.path.join(CSRC, "extension.cpp")]
     sources += sorted(glob.glob(os.path.join(CSRC, "ops", "*.cpp")))
     sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cpu", "*.cpp")))
-    # Always, nvcc or not: the CUDA driver, and the CUDA kernels compiled for the host (the emulated
-    # CUDA ops that the tests run on every machine).
-    sources.append(os.path.join(CSRC, "ops", "cuda", "column_driver.cpp"))
-    sources += sorted(glob.glob(os.path.join(CSRC, "ops", "emulated_cuda", "*.cpp")))
+    if _env_flag("DCNV2_BUILD_EMULATED_CUDA"):
+        # The CUDA kernels and their operators compiled for the host, nvcc or not: the test-only
+        # _emulated_cuda_* ops that run the CUDA path on every machine (make setup asks for them).
+        print("projects_dcnv2: building the emulated CUDA operators (DCNV2_BUILD_EMULATED_CUDA=1)")
+        sources += sorted(glob.glob(os.path.join(CSRC, "ops", "emulated_cuda", "*.cpp")))
     include_dirs = [os.path.join(ROOT, CSRC)]
     cxx_flags = ["-O3"]
     if sys.platform != "win32":
@@ -109,7 +156,9 @@ def _extension():
             extra_link_args=link_flags,
         )
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        archs = default_cuda_arch_list(torch.cuda.get_arch_list(), _nvcc_gpu_codes())
+        if archs is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     print(
         "projects_dcnv2: building the CPU and CUDA kernels "
         f"(CUDA_HOME={cpp_extension.CUDA_HOME}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})"
@@ -154,10 +203,12 @@ class _BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
             )
 
 
-# name, version, description and Python version: pyproject.toml
-setup(
-    packages=find_packages(include=["projects_dcnv2", "projects_dcnv2.*"]),
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": _BuildExt},
-    zip_safe=False,
-)
+# name, version, description and Python version: pyproject.toml. (setuptools runs this file as
+# __main__; tests import it for default_cuda_arch_list.)
+if __name__ == "__main__":
+    setup(
+        packages=find_packages(include=["projects_dcnv2", "projects_dcnv2.*"]),
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": _BuildExt},
+        zip_safe=False,
+    )

@@ -1,4 +1,5 @@
-"""The built extension itself: how it is linked, and that its error messages survive formatting.
+"""The built extension itself: how it is linked, that its error messages survive formatting, and
+what setup.py compiles (the default CUDA architectures, the emulated CUDA ops only when asked).
 
 A relocated GCC without libstdc++.so (the GPU image's CXX=/opt/gcc/bin/g++) once linked libstdc++
 statically into the extension; the private copy's iostreams then crashed (or truncated) the first
@@ -6,14 +7,29 @@ number formatted into a TORCH_CHECK message, i.e. every error of our ops. setup.
 shared libstdc++ and refuses such a build; these tests pin both symptoms.
 """
 
+import importlib.util
+import os
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
 
 import projects_dcnv2._C as ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    """setup.py as a module (its setup() call runs only as __main__); environment left as it was."""
+    spec = importlib.util.spec_from_file_location("dcnv2_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.dict(os.environ):
+        spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.skipif(
@@ -59,4 +75,53 @@ def test_error_message_keeps_its_numbers():
             1.0,
             0,
             0.1,
+        )
+
+
+def test_default_arch_list_is_torchs_with_ptx_for_the_newest(setup_py):
+    torch_archs = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+    assert setup_py.default_cuda_arch_list(torch_archs) == "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
+    # order, PTX entries and arch-specific variants as torch may list them
+    assert (
+        setup_py.default_cuda_arch_list(["compute_90", "sm_90a", "sm_120", "sm_80", "sm_90"])
+        == "8.0;9.0;12.0+PTX"
+    )
+    # an nvcc older than torch's CUDA: what it cannot compile is left out, PTX moves to its newest
+    nvcc = ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90"]
+    assert setup_py.default_cuda_arch_list(torch_archs, nvcc) == "7.5;8.0;8.6;9.0+PTX"
+    assert setup_py.default_cuda_arch_list([]) is None
+    assert setup_py.default_cuda_arch_list(["sm_120"], ["sm_80"]) is None
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="this torch is built without CUDA")
+def test_default_arch_list_covers_the_installed_torch(setup_py):
+    archs = setup_py.default_cuda_arch_list(torch.cuda.get_arch_list())
+    assert archs.endswith("+PTX")
+    built = {float(a) for a in archs.removesuffix("+PTX").split(";")}
+    want = {int(a[3:].rstrip("af")) / 10 for a in torch.cuda.get_arch_list() if a.startswith("sm_")}
+    assert built == want
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_emulated_cuda_ops_are_built_only_when_asked(setup_py, flag):
+    env = {"DCNV2_BUILD_EMULATED_CUDA": flag, "DCNV2_WITH_CUDA": "0"}
+    with mock.patch.dict(os.environ, env):
+        sources = setup_py._extension().sources
+    emulated = [s for s in sources if os.sep + "emulated_cuda" + os.sep in s]
+    assert bool(emulated) == (flag == "1"), sources
+    assert not any(s.endswith(".cu") for s in sources)
+
+
+def test_this_build_has_the_private_cuda_schemas():
+    """_ops.py registers the public convolution's CUDA kernels over these: defined in every build,
+    with the public operators' signatures."""
+    for private, public in [
+        ("_cuda_modulated_deform_conv2d", "modulated_deform_conv2d"),
+        ("_cuda_modulated_deform_conv2d_backward", "_modulated_deform_conv2d_backward"),
+    ]:
+        schema = str(getattr(torch.ops.dcnv2, private).default._schema)
+        assert schema.startswith(f"dcnv2::{private}(")
+        assert (
+            schema.split("(", 1)[1]
+            == str(getattr(torch.ops.dcnv2, public).default._schema).split("(", 1)[1]
         )

@@ -1,6 +1,7 @@
 """The CUDA path (kernels, launchers, the column driver, the pooling driver) under one matrix, on every
 machine: through the host emulation of the same .cu sources (``torch.ops.dcnv2._emulated_cuda_*``, CPU
-tensors, csrc/ops/emulated_cuda/) always, and on the device whenever a GPU is present.
+tensors, csrc/ops/emulated_cuda/, built by make setup) always, and on the device whenever a GPU is
+present.
 
 References: the CPU ops in float64 (their own driver and loops), the pure-PyTorch reference
 (tests/reference_ops.py), and on a GPU also torchvision's CUDA ``deform_conv2d``.
@@ -27,6 +28,12 @@ from reference_ops import deform_roi_pool_ref, mdconv2d_ref
 
 OPS = torch.ops.dcnv2
 HAS_CUDA = torch.cuda.is_available() and projects_dcnv2.layers.WITH_CUDA
+HAS_EMULATION = hasattr(OPS, "_emulated_cuda_modulated_deform_conv2d")
+needs_emulation = pytest.mark.skipif(
+    not HAS_EMULATION,
+    reason="this build of the extension has no _emulated_cuda_* ops (host-run CUDA kernels): "
+    "rebuild with DCNV2_BUILD_EMULATED_CUDA=1, as make setup does",
+)
 
 
 class Backend:
@@ -45,7 +52,7 @@ BACKENDS = {
     "cuda": lambda: Backend("cuda", "cuda", "", "_"),
 }
 BACKEND_PARAMS = [
-    pytest.param("emulated", id="emulated"),
+    pytest.param("emulated", id="emulated", marks=needs_emulation),
     pytest.param(
         "cuda",
         id="cuda",
@@ -231,6 +238,7 @@ def test_conv_cpu_reference_matches_pure_pytorch(case):
         assert_within(a, r, s, torch.float64, f"pure reference {case} {name}")
 
 
+@needs_emulation
 def test_emulated_grid_stride_loops_cover_a_capped_grid(monkeypatch):
     """With the grid capped at 1 and 3 blocks, every kernel's grid-stride loop must cover the rest."""
     be = BACKENDS["emulated"]()

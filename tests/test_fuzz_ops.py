@@ -67,7 +67,8 @@ BACKENDS = [
         "emulated",
         marks=pytest.mark.skipif(
             not HAS_EMULATION,
-            reason="this build of the extension has no _emulated_cuda_* ops (host-run CUDA kernels)",
+            reason="this build of the extension has no _emulated_cuda_* ops (host-run CUDA "
+            "kernels): rebuild with DCNV2_BUILD_EMULATED_CUDA=1, as make setup does",
         ),
     ),
     pytest.param(

@@ -1,4 +1,4 @@
-// The CUDA backend's convolution driver (see column_driver.h).
+// The column driver of the modulated deformable convolution (see column_driver.h).
 #include "column_driver.h"
 
 #include <ATen/ATen.h>

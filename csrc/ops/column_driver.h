@@ -1,9 +1,10 @@
-// The CUDA backend's convolution driver: walks the output in column blocks (mdconv_column_blocks with
-// the CUDA budget), fills a (C*kh*kw, columns) buffer per block with the im2col primitive and hands
-// every GEMM to ATen (cuBLAS); the backward pass scatters the column gradients with col2im and
-// col2im_coord. Written against ATen only, so it is compiled with or without nvcc: its clients are the
-// CUDA kernels (cuda_ops.cpp) and their host emulation (../emulated_cuda/), which plug the three
-// primitives in through MDConvPrimitives.
+// The column driver of the modulated deformable convolution, for the CUDA back-end: walks the output
+// in column blocks (mdconv_column_blocks with the CUDA budget), fills a (C*kh*kw, columns) buffer per
+// block with the im2col primitive and hands every GEMM to ATen (cuBLAS on the GPU); the backward pass
+// scatters the column gradients with col2im and col2im_coord. Device-agnostic: ATen only, built with
+// or without nvcc. The three primitives come in through MDConvPrimitives, from cuda/cuda_ops.cpp
+// (the GPU kernels, or their host emulation when that file is compiled under emulated_cuda/).
+// (The CPU back-end has its own, channels-last driver: cpu/modulated_deform_conv2d_loops.h.)
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,7 +12,7 @@
 #include <optional>
 #include <tuple>
 
-#include "../modulated_deform_conv2d.h"
+#include "modulated_deform_conv2d.h"
 
 namespace dcnv2 {
 

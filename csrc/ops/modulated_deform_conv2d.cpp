@@ -1,5 +1,5 @@
 // Modulated deformable convolution: operator schemas, argument checks and column blocks, shared by
-// both backends (cpu/ and cuda/ hold the drivers and register the kernels).
+// both back-ends (their drivers: cpu/modulated_deform_conv2d_loops.h and column_driver.cpp).
 #include "modulated_deform_conv2d.h"
 
 #include <ATen/ATen.h>

@@ -1,12 +1,12 @@
-// Modulated deformable convolution (DCNv2): the device-agnostic driver and the per-device primitives.
+// Modulated deformable convolution (DCNv2): the schemas, the argument checks and the column blocks,
+// shared by both back-ends.
 //
 // Shapes: input (N, C, H, W); offset (N, 2*dg*kh*kw, Ho, Wo) laid out [group][tap i*kw+j][dy, dx];
 // mask (N, dg*kh*kw, Ho, Wo) laid out [group][tap]; weight (Cout, C/groups, kh, kw); bias (Cout) or none.
 //
-// Here: the schemas, the argument checks (mdconv_geometry) and the column blocks (a tile of one
-// image's positions, or several whole images, whose column buffer stays under a budget), shared by
-// both backends. Each backend has its own driver: CUDA's (cuda/column_driver.h) builds (C*kh*kw,
-// columns) buffers and hands every GEMM to ATen; the CPU's (cpu/modulated_deform_conv2d_loops.h)
+// Column blocks: a tile of one image's positions, or several whole images, whose column buffer stays
+// under a budget. Each back-end has its own driver over them: CUDA's (column_driver.h) builds
+// (C*kh*kw, columns) buffers and hands every GEMM to ATen; the CPU's (cpu/modulated_deform_conv2d_loops.h)
 // builds channels-last (columns, kh*kw*C) rows, so the bilinear corners of a tap are found once and
 // blended over contiguous channels.
 #pragma once
@@ -21,8 +21,8 @@
 
 namespace dcnv2 {
 
-// The operators' signatures (what follows the name in the schema), shared by the public operators and
-// their emulated-CUDA twins (emulated_cuda/).
+// The operators' signatures (what follows the name in the schema), shared by the public operators, the
+// private CUDA path (_cuda_*) and the emulated-CUDA twins (_emulated_cuda_*).
 constexpr const char* kMDConvSignature =
     "(Tensor input, Tensor offset, Tensor mask, Tensor weight, Tensor? bias, int stride_h, int stride_w, "
     "int pad_h, int pad_w, int dilation_h, int dilation_w, int groups, int deformable_groups) -> Tensor";

@@ -4,7 +4,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "launch.h"
 #include "launchers.h"
 
 namespace dcnv2 {

@@ -1,7 +1,7 @@
-// Kernel launchers of the CUDA backend. They take raw device pointers and a stream and return the
-// launch status, so the .cu files include no ATen headers (nvcc time on them stays small); the tensor
-// wrappers are in primitives.h. Declared in dcnv2::cuda, or in dcnv2::emulated_cuda for the host
-// emulation of the same sources (runtime.h).
+// What the .cu files export: one launcher per kernel. Launchers take raw device pointers and a
+// stream and return the launch status, so the .cu files include no ATen header (nvcc time on them
+// stays small); the tensor wrappers around them are in cuda_ops.cpp. Declared in dcnv2::cuda, or in
+// dcnv2::emulated_cuda for the host emulation of the same sources (launch.h).
 //
 // S is the storage type (float, double, c10::Half, c10::BFloat16); A = acc_type<S>::type is the
 // accumulation type (float, or double for double).
@@ -10,7 +10,7 @@
 #include <cstdint>
 
 #include "../deform_math.h"
-#include "runtime.h"
+#include "launch.h"
 
 namespace dcnv2 {
 namespace DCN_CUDA_NAMESPACE {

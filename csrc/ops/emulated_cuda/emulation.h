@@ -1,7 +1,8 @@
 // Host emulation of the little of CUDA that our kernels use, so that the very .cu sources compile with
 // the host C++ compiler and run on CPU tensors (csrc/ops/emulated_cuda/*.cpp include them). Never used
-// by the public operators: it exists so that every `make test` executes the CUDA kernels and the CUDA
-// driver on machines without a GPU.
+// by the public operators, and built only when asked (DCNV2_BUILD_EMULATED_CUDA=1, as `make setup` and
+// CI do): it exists so that `make test` executes the CUDA kernels and the CUDA driver on machines
+// without a GPU.
 //
 // A launch runs its grid serially: every (block, thread) pair, in order, each through its own
 // grid-stride loop, with blockIdx/threadIdx/blockDim/gridDim set as on the device. Serial execution
