@@ -1,0 +1,194 @@
+"""The fused Triton backward of ``modulated_deform_conv2d``
+(``torch.ops.dcnv2._triton_modulated_deform_conv2d_backward``, triton_kernels/mdconv_backward.py):
+all five gradients against the CPU op's backward in float64, with test_cuda_path.py's per-element
+bounds (dtype epsilons relative to the sum of |terms|).
+
+Devices and bounds are test_triton_mdconv.py's: without a GPU the kernels run on CPU tensors in
+Triton's interpreter (conftest.py sets ``TRITON_INTERPRET=1`` before anything imports the kernels);
+with one, the same cases run on CUDA tensors, float32 products in TF32 when
+``torch.backends.cudnn.allow_tf32`` is set (held to TF32's epsilon).
+
+Every feature of the kernels is in a case: kernel (3, 2), stride (2, 1), dilation 2, groups 2 x
+deformable groups 3 (a deformable group straddling two conv groups, a channel tile meeting two
+deformable groups); N = 0, 1, 2, 3; a partial last pixel tile; several output-channel and channel
+chunks; offsets inside, far outside, 1e4 and NaN; non-contiguous inputs; bias and no bias;
+grad_weight's reduction in uneven parts (6 pixel tiles in the interpreter's 4 parts). The determinism alert is test_triton_mdconv.py's.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_cuda_path import CONV_CASES, assert_within, conv_case_data, conv_reference
+from test_triton_mdconv import DEVICES, _bound_dtype
+
+import projects_dcnv2.layers  # noqa: F401  (registers torch.ops.dcnv2)
+from projects_dcnv2 import triton_kernels
+
+pytestmark = pytest.mark.skipif(not triton_kernels.AVAILABLE, reason="Triton is not installed")
+
+OPS = torch.ops.dcnv2
+NAMES = ["grad input", "grad offset", "grad mask", "grad weight", "grad bias"]
+
+# test_cuda_path's "awkward" (N 3, kernel (3, 2), stride (2, 1), padding (1, 0), dilation 2, groups
+# 2 x dg 3, bias, offsets inside; 4 x 5 = 20 pixels: a full and a partial tile of 16) and these, in
+# its layout: n, c_in, c_out, (H, W), (kh, kw), stride, padding, dilation, groups, dg, offsets
+CASES = {
+    # no bias; image 0 far outside (offsets x 20), image 1 with +-1e4 and two NaN offsets
+    "outside": (2, 6, 4, (7, 6), (3, 2), (2, 1), (1, 0), (2, 2), 2, 3, "outside"),
+    # two channel chunks (cg = cd = 20) and two output-channel chunks (og = 18) of 16
+    "wide": (1, 40, 36, (6, 7), (2, 2), (1, 1), (0, 1), (1, 1), 2, 2, "inside"),
+    "single": (1, 6, 4, (7, 6), (3, 2), (2, 1), (1, 0), (2, 2), 2, 3, "inside"),
+    "batch0": (0, 6, 4, (7, 6), (3, 2), (2, 1), (1, 0), (2, 2), 2, 3, "inside"),
+}
+WITH_BIAS = {"awkward": True, "outside": False, "wide": True, "single": True, "batch0": True}
+
+
+def _case_inputs(case, dtype):
+    """As test_cuda_path.conv_inputs: float64 tensors exactly representable in ``dtype``."""
+    n, cin, cout, (H, W), (kh, kw), s, p, d, groups, dg, mode = CASES[case]
+    Ho = (H + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1
+    Wo = (W + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1
+    K = kh * kw
+    g = torch.Generator().manual_seed(sum(map(ord, case)))
+    x = torch.randn(n, cin, H, W, generator=g)
+    offset = torch.randn(n, 2 * dg * K, Ho, Wo, generator=g) * 1.5
+    if mode == "outside":
+        offset[0] *= 20.0
+        offset[1].view(-1)[::7] = 1e4
+        offset[1].view(-1)[3::11] = -1e4
+        offset[1, 2 * (1 * K + 2), 1, 2] = float("nan")  # dy of group 1, tap 2
+        offset[1, 2 * (2 * K + 5) + 1, 2, 0] = float("nan")  # dx of group 2, tap 5
+    mask = torch.rand(n, dg * K, Ho, Wo, generator=g)
+    weight = torch.randn(cout, cin // groups, kh, kw, generator=g) / math.sqrt(cin // groups * K)
+    bias = torch.randn(cout, generator=g)
+    grad = torch.randn(n, cout, Ho, Wo, generator=g)
+    ts = [t.to(dtype).double() for t in (x, offset, mask, weight, bias, grad)]
+    return ts, (*s, *p, *d, groups, dg)
+
+
+_cache = {}
+
+
+def case_data(case, dtype):
+    """Inputs, parameters, the CPU op's float64 gradients and their S (conv_reference)."""
+    if case in CONV_CASES:
+        ts, params, ref, scale = conv_case_data(case, dtype)
+        return ts, params, ref[1:], scale[1:]
+    if (case, dtype) not in _cache:
+        ts, params = _case_inputs(case, dtype)
+        ref, scale = conv_reference(ts, params)
+        _cache[case, dtype] = ts, params, ref[1:], scale[1:]
+    return _cache[case, dtype]
+
+
+def run_backward(case, dtype, device, views=False):
+    ts, params = case_data(case, dtype)[:2] if case != "batch0" else _case_inputs(case, dtype)
+    x, offset, mask, weight, bias, grad = (t.to(device, dtype) for t in ts)
+    if views:  # the same values in other memory layouts
+        x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        offset = offset.transpose(2, 3).contiguous().transpose(2, 3)
+        mask = mask.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        weight = weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+        grad = grad.transpose(2, 3).contiguous().transpose(2, 3)
+        assert not any(t.is_contiguous() for t in (x, offset, mask, weight, grad))
+    bias = bias if WITH_BIAS[case] else None
+    return OPS._triton_modulated_deform_conv2d_backward(
+        grad, x, offset, mask, weight, bias, *params
+    )
+
+
+def check_grads(got, case, dtype, device, what):
+    _, _, ref, scale = case_data(case, dtype)
+    for name, g, r, s in zip(NAMES, got, ref, scale):
+        assert g.dtype == dtype and g.device.type == device, f"{what} {name}: {g.dtype} {g.device}"
+        assert g.is_contiguous(), f"{what} {name}: not contiguous"
+        if name == "grad bias" and not WITH_BIAS[case]:
+            assert g.shape == (0,), f"{what} {name}: expected an empty (0,) tensor without bias"
+            continue
+        assert_within(g, r, s, _bound_dtype(dtype, device), f"{what} {name}")
+
+
+MATRIX = [
+    ("awkward", torch.float32),
+    ("awkward", torch.bfloat16),
+    ("outside", torch.float32),
+    ("outside", torch.float16),
+    ("wide", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case,dtype", MATRIX, ids=[f"{c}-{str(d)[6:]}" for c, d in MATRIX])
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_match_cpu_float64(device, case, dtype):
+    got = run_backward(case, dtype, device)
+    check_grads(got, case, dtype, device, f"{device} {case} {dtype}")
+    if case == "outside":
+        # NaN reaches exactly the gradients the reference makes NaN (above), and no further
+        assert torch.isfinite(got[3]).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    got = run_backward("single", torch.float32, device, views=True)
+    check_grads(got, "single", torch.float32, device, f"{device} non-contiguous")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_zero(device):
+    ts = _case_inputs("batch0", torch.float32)[0]
+    got = run_backward("batch0", torch.float32, device)
+    for name, g, t in zip(NAMES, got, ts[:5]):
+        assert g.shape == t.shape and torch.count_nonzero(g) == 0, name
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False], ids=["tf32_on", "tf32_off"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_tf32_flag_reaches_both_kernels(device, allow_tf32, monkeypatch):
+    """Both launches get DOT_PRECISION from torch.backends.cudnn.allow_tf32 (not run: recorded)."""
+    from projects_dcnv2.triton_kernels import mdconv_backward
+
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.append(meta["DOT_PRECISION"])
+
+    monkeypatch.setattr(mdconv_backward, "wrap_triton", lambda kernel: Recorder())
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    run_backward("awkward", torch.float32, device)
+    assert seen == ["tf32" if allow_tf32 else "ieee"] * 2
+
+
+def test_kernels_compile_for_a_gpu_target():
+    """The interpreter accepts some code the compiler rejects: both kernels (bfloat16) compiled to
+    sm_90 machine code here (Triton's bundled ptxas; no GPU needed), in a process without
+    TRITON_INTERPRET."""
+    pytest.importorskip("triton.backends.nvidia")
+    code = r"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from projects_dcnv2.triton_kernels import mdconv_backward as mb
+for dt, tdt, prec in (("bf16", tl.bfloat16, "ieee"),):
+    for fn, acc, blocks in ((mb._grad_input_offset_mask_kernel, "gin_ptr", (64, 32, 32)),
+                            (mb._grad_weight_kernel, "gw_ptr", (32, 32, 64))):
+        consts = dict(KH=3, KW=2, BLOCK_P=blocks[0], BLOCK_C=blocks[1], BLOCK_O=blocks[2],
+                      DOT_DTYPE=tdt, DOT_PRECISION=prec)
+        if "COL_DTYPE" in fn.arg_names:
+            consts["COL_DTYPE"] = tdt
+        sig = {n: "constexpr" if n in consts else ("*fp32" if n == acc else "*" + dt)
+               if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+        k = triton.compile(ASTSource(fn, sig, constexprs=consts),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert k.asm["cubin"], (fn, dt)
+print("compiled")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
