@@ -7,6 +7,7 @@
   scheduler; the training loader raises an error naming the image file of a bad record; the
   evaluator is :func:`build_evaluator`.
 * :func:`build_evaluator`: the evaluator for a data set (COCO metrics).
+* :func:`inference_config`: the tools' config (file, overrides, score threshold).
 * :func:`build_inference_model`: build the model, load ``MODEL.WEIGHTS``, eval mode.
 * :func:`inference_input`: one image as the test-time loader gives it to the model.
 """
@@ -25,6 +26,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 
 from .checkpoint import DCNv2Checkpointer
+from .config import load_dcnv2_config
 from .data.checks import CheckedMapper
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "DCNv2Trainer",
     "build_evaluator",
     "build_inference_model",
+    "inference_config",
     "inference_input",
 ]
 
@@ -49,6 +52,14 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
     return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=fast)
+
+
+def inference_config(config_file, opts=(), score_threshold=None):
+    """``load_dcnv2_config(config_file, opts)`` with ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` set to
+    ``score_threshold`` when it is given (the lowest score a tool keeps)."""
+    if score_threshold is not None:
+        opts = [*opts, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", score_threshold]
+    return load_dcnv2_config(config_file, opts)
 
 
 def build_inference_model(cfg, *, resume: bool = False):

@@ -27,8 +27,8 @@ from PIL import Image
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 
-from projects_dcnv2 import load_dcnv2_config  # (the import registers the components)
-from projects_dcnv2.engine import build_inference_model, inference_input
+# (importing the package registers its components)
+from projects_dcnv2.engine import build_inference_model, inference_config, inference_input
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -86,8 +86,7 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    threshold = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.confidence_threshold]
-    cfg = load_dcnv2_config(args.config_file, [*args.opts, *threshold])
+    cfg = inference_config(args.config_file, args.opts, args.confidence_threshold)
     paths = expand_inputs(args.input)
     model = build_inference_model(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")

@@ -33,7 +33,6 @@ from PIL import Image  # noqa: E402
 
 from detectron2.data.detection_utils import read_image  # noqa: E402
 
-from projects_dcnv2 import load_dcnv2_config  # noqa: E402  (import registers the components)
 from projects_dcnv2.analysis import (  # noqa: E402
     capture_deform_fields,
     compose_sampling_locations,
@@ -41,7 +40,11 @@ from projects_dcnv2.analysis import (  # noqa: E402
     select_fields,
     unit_centres,
 )
-from projects_dcnv2.engine import build_inference_model, inference_input  # noqa: E402
+from projects_dcnv2.engine import (  # noqa: E402  (the package import registers its components)
+    build_inference_model,
+    inference_config,
+    inference_input,
+)
 from projects_dcnv2.modeling.poolers import MDPoolROIPooler  # noqa: E402
 
 __all__ = ["draw_bins", "draw_sampling", "main"]
@@ -269,8 +272,7 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    threshold = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.confidence_threshold]
-    cfg = load_dcnv2_config(args.config_file, [*args.opts, *threshold])
+    cfg = inference_config(args.config_file, args.opts, args.confidence_threshold)
     model = build_inference_model(cfg)
 
     original = read_image(args.input, format=cfg.INPUT.FORMAT)  # (H, W, 3) uint8

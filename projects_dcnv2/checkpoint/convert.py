@@ -1,18 +1,13 @@
 """Key names: MMDetection / torchvision checkpoints -> this project's Detectron2 models.
 
-Covers the R-50-FPN Faster / Mask R-CNN layout of MMDetection's ``configs/dcnv2`` model zoo:
-ResNet (``backbone.*``, torchvision naming) with DCNv2 offset convs, FPN (``neck.*``), RPN
-(``rpn_head.*``), the 2-FC box head and 4-conv mask head (``roi_head.*``) and the per-level mdpool
-offset / mask FCs (``roi_head.bbox_roi_extractor.roi_layers.{l}.*``). A torchvision ImageNet
-ResNet uses the same backbone names without ``backbone.``.
-
-Tensors are never permuted (conv offsets are [group][tap][dy, dx] in both code bases, class order
-and "background last" agree, anchors and deltas are in the same order); only names change,
-``num_batches_tracked`` is dropped and half-precision tensors are cast to float32.
-
-Every mapping is a pair of templates whose ``{name}`` fields are integers (shifted by a fixed
-amount, e.g. MMDetection's ``layer1`` is Detectron2's ``res2``) or ``{p}``, a parameter / buffer
-name. The Detectron2 side also tells which report component a model key belongs to.
+Covers MMDetection's ``configs/dcnv2`` R-50-FPN Faster / Mask R-CNN: ResNet (``backbone.*``, the
+torchvision names, which an ImageNet ResNet has without ``backbone.``) with DCNv2 offset convs, FPN
+(``neck.*``), RPN (``rpn_head.*``), box and mask heads (``roi_head.*``) and mdpool's per-level FCs.
+No tensor is permuted (conv offsets are [group][tap][dy, dx] in both code bases; class order,
+"background last", anchors and deltas agree): names change, ``num_batches_tracked`` is dropped,
+half precision becomes float32. Each rule is a pair of templates whose ``{name}`` fields are
+integers (shifted by a fixed amount: MMDetection's ``layer1`` is ``res2``) or ``{p}``, a
+parameter / buffer name.
 """
 
 import collections
@@ -126,23 +121,17 @@ def component_of(d2_key: str, bottom_up_prefix: str = BOTTOM_UP) -> str:
 
 @dataclass
 class ConversionReport:
-    """What a conversion did. ``source``: the format converted from; ``name``: the checkpoint
-    (e.g. its path) in messages; ``counts``: converted tensors per component; ``dropped``: source keys
-    intentionally not converted; ``legacy_offset_keys``: ``conv2_offset.*`` keys in the old
-    naming; ``cast_to_float32``: half-precision source tensors; ``unmapped``: source keys with no
-    Detectron2 name (an error unless ``strict=False``); ``not_loaded``: model tensors per
-    component that the checkpoint does not provide and ``not_loaded_keys`` their names (both
-    filled in when the checkpoint is checked against a model)."""
+    """What a conversion did; ``not_loaded*`` are filled in when it is checked against a model."""
 
-    source: str
-    name: str = "checkpoint"
-    counts: Dict[str, int] = field(default_factory=collections.Counter)
-    dropped: List[str] = field(default_factory=list)
-    legacy_offset_keys: int = 0
-    cast_to_float32: List[str] = field(default_factory=list)
-    unmapped: List[str] = field(default_factory=list)
-    not_loaded: Dict[str, int] = field(default_factory=dict)
-    not_loaded_keys: List[str] = field(default_factory=list, repr=False)
+    source: str  # the format converted from
+    name: str = "checkpoint"  # the checkpoint (e.g. its path) in messages
+    counts: Dict[str, int] = field(default_factory=collections.Counter)  # tensors per component
+    dropped: List[str] = field(default_factory=list)  # source keys intentionally not converted
+    legacy_offset_keys: int = 0  # "conv2_offset.*" keys in MMCV's old naming
+    cast_to_float32: List[str] = field(default_factory=list)  # half-precision source tensors
+    unmapped: List[str] = field(default_factory=list)  # no Detectron2 name (strict=False only)
+    not_loaded: Dict[str, int] = field(default_factory=dict)  # model tensors left, per component
+    not_loaded_keys: List[str] = field(default_factory=list, repr=False)  # and their names
 
     @property
     def num_converted(self) -> int:

@@ -1,18 +1,14 @@
 """Check that a converted checkpoint fits a model before anything is loaded.
 
-Two scopes, chosen from the checkpoint's keys:
-
-* ``"model"`` (a whole MMDetection detector): the key sets must be equal and every shape must
-  match; nothing may be left over, and only what such a detector never has may be missing: the
-  mdpool FCs of a checkpoint without mdpool, the mimic branch's classifier (newly initialised).
-* ``"backbone"`` (ImageNet initialisation: torchvision, or an MMDetection backbone only): every
-  checkpoint key must exist in the model's ResNet with the same shape and every ResNet key must
-  be provided, except the DCNv2 offset convs, which stay zero-initialised. Keys outside the
-  ResNet (FPN, heads) keep their initialisation.
+* Scope ``"model"`` (a whole MMDetection detector): equal key sets and shapes; only what such a
+  detector never has may be missing (mdpool FCs for a checkpoint without mdpool, the mimic
+  branch's classifier): they keep their initialisation.
+* Scope ``"backbone"`` (torchvision, or an MMDetection backbone only): every checkpoint key is in
+  the model's ResNet with the same shape and provides every ResNet key but the DCNv2 offset convs
+  (zero-initialised); the FPN and heads keep their initialisation.
 
 On failure a :class:`CheckpointMismatchError` names the keys and shapes and, where the pattern is
-recognisable, the config change that fits (deformable groups, number of classes, mdpool, mdconv,
-mask head).
+recognisable, the config change that fits (deformable groups, classes, mdpool, mdconv, mask head).
 """
 
 import collections

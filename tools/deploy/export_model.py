@@ -26,9 +26,9 @@ that error, or use ``--backbone-only``.
 
 After writing, the tool runs each exported file on the sample input (``--sample-image``, else the
 first test image) and prints its largest difference from PyTorch. ``--run-eval`` evaluates the
-exported whole model (ONNX Runtime or TorchScript) with train_net.py's evaluator
-(``projects_dcnv2.engine.build_evaluator``) on ``DATASETS.TEST``. Files with our operators (every format but ONNX) need ``import projects_dcnv2``
-(which loads the extension) before they are loaded.
+exported whole model (ONNX Runtime or TorchScript) on ``DATASETS.TEST`` with train_net.py's
+evaluator (``projects_dcnv2.engine.build_evaluator``). Files with our operators (every format but
+ONNX) need ``import projects_dcnv2`` (which loads the extension) before they are loaded.
 """
 
 import argparse
@@ -44,8 +44,13 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.utils.logger import setup_logger
 
-from projects_dcnv2 import load_dcnv2_config  # (the import registers the components)
-from projects_dcnv2.engine import build_evaluator, build_inference_model, inference_input
+# (importing the package registers its components)
+from projects_dcnv2.engine import (
+    build_evaluator,
+    build_inference_model,
+    inference_config,
+    inference_input,
+)
 from projects_dcnv2.export import TupleOutputs, UnsupportedOperatorError, export_onnx
 
 FORMATS = ("onnx", "torchscript", "pt2", "aoti")
@@ -261,7 +266,7 @@ def _report(name, path, diffs, reference):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger()  # Detectron2's logging (evaluation results, print_csv_format)
-    cfg = load_dcnv2_config(args.config_file, args.opts)
+    cfg = inference_config(args.config_file, args.opts)
     os.makedirs(args.output, exist_ok=True)
     model = build_inference_model(cfg)
     inputs = get_sample_inputs(cfg, args.sample_image)
