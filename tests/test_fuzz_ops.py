@@ -14,7 +14,7 @@ negative stride or group count, a wrong dtype, a wrong ndim, a bad RoI). Propert
 * invalid input: ``ValueError`` / ``RuntimeError`` whose message names the argument, from the forward
   and from the backward op.
 
-Every example runs in a persistent worker process (``_Worker``) fed over a pipe: a segfault, an abort
+Every example runs in a persistent worker process (``crash_guard.CrashGuard``): a segfault, an abort
 or a hang kills only the worker, becomes a test failure naming the example (with a command that
 reruns it in-process), and the next example gets a fresh worker. Back-ends: the CPU kernels; the CUDA
 kernels' host emulation (``torch.ops.dcnv2._emulated_cuda_*``) when the extension has it; CUDA when a
@@ -28,13 +28,7 @@ Deterministic: a fixed seed (``DCNV2_FUZZ_SEED``, default 0), no example databas
 import json
 import math
 import os
-import pickle
-import select
-import signal
-import struct
-import subprocess
 import sys
-import tempfile
 import traceback
 
 import pytest
@@ -44,6 +38,8 @@ from hypothesis import example as hyp_example
 from hypothesis import strategies as st
 
 import projects_dcnv2.layers  # noqa: F401  (loads the extension: registers torch.ops.dcnv2)
+
+from crash_guard import CrashGuard
 
 HAS_EMULATION = hasattr(torch.ops.dcnv2, "_emulated_cuda_modulated_deform_conv2d")
 HAS_CUDA = torch.cuda.is_available() and projects_dcnv2.layers.WITH_CUDA
@@ -251,77 +247,12 @@ EMPTY_INPUT_EXAMPLES = [
 # ================================================================================================
 # The crash guard (parent process)
 # ================================================================================================
-class _Worker:
-    """A child process that runs examples sent over its stdin and answers on its stdout (length-prefixed
-    pickles). ``run`` restarts it after a death and turns the death into an AssertionError."""
-
-    def __init__(self):
-        self.proc = None
-        self.stderr = None
-
-    def _start(self):
-        self.stderr = tempfile.TemporaryFile()
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            env=env,
-        )
-
-    def close(self):
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def _stderr_tail(self):
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors="replace")[-3000:]
-
-    def run(self, spec, timeout=EXAMPLE_TIMEOUT_S):
-        """Runs one example; returns the worker's answer (an error message, or None when it passed)."""
-        if self.proc is None or self.proc.poll() is not None:
-            self._start()
-        payload = pickle.dumps(spec)
-        try:
-            self.proc.stdin.write(struct.pack("<Q", len(payload)) + payload)
-            self.proc.stdin.flush()
-            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-            header = self.proc.stdout.read(8) if ready else None
-        except BrokenPipeError:
-            header = b""
-        if header is None or len(header) < 8:
-            if header is None:
-                self.proc.kill()
-            code = self.proc.wait()
-            tail = self._stderr_tail()
-            self.proc = None
-            what = f"hung for more than {timeout:.0f} s" if header is None else _describe_exit(code)
-            raise AssertionError(
-                f"the worker process {what} on example {json.dumps(spec)}\n"
-                f"rerun it in-process: python {os.path.relpath(__file__)} --run '{json.dumps(spec)}'\n"
-                f"worker stderr (tail):\n{tail}"
-            )
-        (size,) = struct.unpack("<Q", header)
-        return pickle.loads(self.proc.stdout.read(size))
-
-
-def _describe_exit(code):
-    if code < 0:
-        try:
-            return f"died of {signal.Signals(-code).name}"
-        except ValueError:
-            return f"died of signal {-code}"
-    return f"exited with status {code}"
-
-
 @pytest.fixture(scope="module")
 def worker():
-    w = _Worker()
-    yield w
-    w.close()
+    rerun = f"python {os.path.relpath(__file__)} --run '{{spec}}'"
+    guard = CrashGuard("test_fuzz_ops:_run_example", EXAMPLE_TIMEOUT_S, rerun)
+    yield guard
+    guard.close()
 
 
 def _check(worker, spec):
@@ -365,17 +296,16 @@ def test_fuzz_deform_roi_pool(worker, backend):
 
 
 def test_crash_guard_names_the_example_and_recovers(worker):
-    """The guard itself: a segfault and a hang in the worker become failures naming the example, and
-    the next example runs in a fresh worker."""
-    crash = {"op": "selftest", "action": "segfault"}
+    """The guard itself: a segfault and a hang in the worker become failures naming the example and
+    how to rerun it, and the next example runs in a fresh worker."""
     with pytest.raises(
-        AssertionError, match=r"died of SIGSEGV on example .*\"action\": \"segfault\""
+        AssertionError, match=r"died of SIGSEGV on example .*\"segfault\".*\nrerun .*--run"
     ):
-        worker.run(crash)
+        worker.run({"crash_guard": "segfault"})
     with pytest.raises(AssertionError, match="hung for more than 2 s"):
-        worker.run({"op": "selftest", "action": "hang"}, timeout=2)
-    assert worker.run({"op": "selftest", "action": "fail"}) == "planted failure"
-    assert worker.run({"op": "selftest", "action": "pass"}) is None
+        worker.run({"crash_guard": "hang"}, timeout=2)
+    assert worker.run({"crash_guard": "fail"}) == "planted failure"
+    assert worker.run({"crash_guard": "pass"}) is None
     spec = dict(EMPTY_INPUT_EXAMPLES[0], backend="cpu", offset_scale=0.5, h=5, w=4)
     assert worker.run(spec) is None  # a real example after the restarts
 
@@ -898,12 +828,6 @@ def _check_pool(spec):
 # ------------------------------------------------------------------------------------------------
 def _run_example(spec):
     """Runs one example in this process; returns None when every property holds, else a message."""
-    if spec["op"] == "selftest":
-        if spec["action"] == "segfault":
-            os.kill(os.getpid(), signal.SIGSEGV)
-        if spec["action"] == "hang":
-            signal.pause()
-        return "planted failure" if spec["action"] == "fail" else None
     torch.set_num_threads(spec["threads"])
     if spec.get("column_budget"):
         os.environ["DCNV2_MAX_COLUMN_ELEMENTS"] = str(spec["column_budget"])
@@ -915,28 +839,9 @@ def _run_example(spec):
         return traceback.format_exc(limit=-4)
 
 
-def _worker_main():
-    """Serves examples over stdin/stdout until stdin closes; C++ output goes to stderr."""
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    src = sys.stdin.buffer
-    while True:
-        header = src.read(8)
-        if len(header) < 8:
-            return
-        (size,) = struct.unpack("<Q", header)
-        answer = pickle.dumps(_run_example(pickle.loads(src.read(size))))
-        out.write(struct.pack("<Q", len(answer)) + answer)
-        out.flush()
-
-
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # reference_ops
-    if sys.argv[1:2] == ["--worker"]:
-        _worker_main()
-    elif sys.argv[1:2] == ["--run"]:
-        result = _run_example(json.loads(sys.argv[2]))
-        print("passed" if result is None else result)
-        sys.exit(0 if result is None else 1)
-    else:
-        sys.exit(f"usage: {sys.argv[0]} --worker | --run '<example json>'")
+    if sys.argv[1:2] != ["--run"]:
+        sys.exit(f"usage: {sys.argv[0]} --run '<example json>'")
+    result = _run_example(json.loads(sys.argv[2]))
+    print("passed" if result is None else result)
+    sys.exit(0 if result is None else 1)
