@@ -11,6 +11,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Without a GPU the fused Triton kernels run on CPU tensors in Triton's interpreter, which must be
+# chosen before any test imports projects_dcnv2 (tests/test_triton_mdconv.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def _global_state():
     return {
