@@ -374,6 +374,93 @@ def test_training_reports_progress(tiny_training_run):
 
 
 # ----------------------------------------------------------------------------------------------
+# tools/benchmark_model.py: its inputs, and a training + inference run of one pair on CPU
+
+
+def test_benchmark_model_inputs_are_valid_ground_truth():
+    bench = _load_tool("benchmark_model")
+    batch = bench.synthetic_batch(2, 96, 128, 5)
+    assert not torch.equal(batch[0]["image"], batch[1]["image"])
+    for x in batch:
+        assert x["image"].shape == (3, 96, 128) and x["image"].dtype == torch.uint8
+        assert (x["height"], x["width"]) == (96, 128)
+        inst = x["instances"]
+        assert len(inst) == 5 and inst.image_size == (96, 128)
+        boxes = inst.gt_boxes.tensor
+        assert (
+            (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 128).all() and (boxes[:, 3] <= 96).all()
+        )
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        assert ((inst.gt_classes >= 0) & (inst.gt_classes < 80)).all()
+        for (polygon,), box in zip(inst.gt_masks.polygons, boxes):  # each mask spans its box
+            xy = polygon.reshape(-1, 2)
+            np.testing.assert_allclose([*xy.min(0), *xy.max(0)], box.numpy(), atol=1e-3)
+
+
+def test_benchmark_model_proposals_around_objects_overlap_them():
+    from detectron2.structures import Instances, pairwise_iou
+
+    bench = _load_tool("benchmark_model")
+    gt = Instances(
+        (100, 200), gt_boxes=Boxes(torch.tensor([[10.0, 20, 60, 90], [100, 5, 199, 40]]))
+    )
+    corner = torch.rand(50, 2) * 100
+    props = Instances((100, 200), objectness_logits=torch.linspace(5, -5, 50))
+    props.proposal_boxes = Boxes(torch.cat([corner, corner + 1 + torch.rand(50, 2) * 50], 1))
+    hook, rpn = bench.proposals_around_objects(3), torch.nn.Module()
+    (out,), losses = hook(rpn, (None, None, [gt]), ([props], {"loss_rpn_cls": 1.0}))
+    assert len(out) == 50 and losses == {"loss_rpn_cls": 1.0}  # the lowest-scoring 6 replaced
+    assert torch.equal(out.proposal_boxes.tensor[:44], props.proposal_boxes.tensor[:44])
+    own = pairwise_iou(out.proposal_boxes[44:], gt.gt_boxes)[torch.arange(6), torch.arange(6) // 3]
+    assert (own >= 0.64 - 1e-6).all() and (own < 1).all()  # moved, each still on its object
+    rpn.eval()  # inference: untouched
+    assert hook(rpn, (None, None, [gt]), ([props], {}))[0][0] is props
+
+
+def test_benchmark_model_trains_and_infers_a_pair(tmp_path):
+    """The FP16 seed row and its twin, one round of each mode at 64 x 96 (the bfloat16 autocast
+    step on CPU), memory from a process per config: the JSON's ratios are the round's."""
+    from builders import NARROW
+    from builders import SMALL as TINY_RUN
+
+    out = tmp_path / "bench.json"
+    row_key, twin = "mask_rcnn_R50_FPN_mdconv_fp16", "mask_rcnn_R50_FPN+amp"
+    proc = subprocess.run(
+        [
+            sys.executable, "tools/benchmark_model.py", "--device", "cpu", "--rows", row_key,
+            "--size", "64x96", "--objects", "2", "--warmup", "0", "--iters", "1",
+            "--json", str(out), *TINY_RUN, *NARROW,
+        ],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| Mask mdconv FP16 | mask_rcnn_R50_FPN+amp |" in proc.stdout
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["config"], row["twin"], result["memory"]) == (row_key, twin, "isolated")
+    mine, base = result["models"][row_key], result["models"][twin]
+    for part in ("train", "infer", "backbone"):
+        (t,), (t_twin,) = mine[part]["times"], base[part]["times"]
+        assert row[part]["median_s"] == t and row[part]["twin_median_s"] == t_twin
+        assert row[part]["ratio"] == pytest.approx(t / t_twin)
+    assert row["infer"]["fps"] == pytest.approx(1 / mine["infer"]["times"][0])
+    for part in ("train", "infer"):
+        assert row[part]["peak_gb"] > 0.1 and row[part]["twin_peak_gb"] > 0.1
+        assert row[part]["memory_ratio"] == pytest.approx(
+            row[part]["peak_gb"] / row[part]["twin_peak_gb"]
+        )
+    for model in (mine, base):
+        losses = model["train"]["losses"]
+        assert {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"} <= set(
+            losses
+        )
+        assert all(np.isfinite(v) for v in losses.values()), losses
+        # 2 objects + 3 proposals around each: 8 foreground RoIs, the 25% of 32 sampled
+        assert model["train"]["fg_rois_per_image"] == [8.0]
+
+
+# ----------------------------------------------------------------------------------------------
 # Results pages (tools/render_results.py) and the links between the docs
 
 
