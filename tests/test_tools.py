@@ -459,6 +459,21 @@ def test_benchmark_model_trains_and_infers_a_pair(tmp_path):
         # 2 objects + 3 proposals around each: 8 foreground RoIs, the 25% of 32 sampled
         assert model["train"]["fg_rois_per_image"] == [8.0]
 
+    # the side-by-side page (docs/results/gpu_models.md) takes this JSON's row
+    render = _load_tool("render_results")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    mmdet = "benchmarks_model_mmdet_v100.json"
+    (docs / mmdet).write_text((REPO / "docs" / mmdet).read_text())
+    (docs / render.GPU_MODELS).write_text(out.read_text())
+    page = "docs/results/gpu_models.md"
+    text = render.render_text((REPO / page).read_text(), page, docs=docs)
+    (line,) = [x for x in text.splitlines() if x.startswith("| Mask, mdconv (c3-c5), FP16 |")]
+    assert f"| {row['train']['peak_gb']:.2f} / {row['infer']['fps']:.1f} |" in line
+    assert f"/ {row['infer']['ratio']:.2f}x | {row['train']['ratio']:.2f}x |" in line
+    assert "| Faster, mdpool | 5.8 / 16.6 | 4.0 / 21.4 | +45.0% / 1.29x | pending |" in text
+    assert "MMDetection's in 1 of 1 rows." in text or "MMDetection's in 0 of 1 rows." in text
+
 
 # ----------------------------------------------------------------------------------------------
 # Results pages (tools/render_results.py) and the links between the docs

@@ -177,6 +177,63 @@ def cpu_models(docs):
     return "\n".join([*lines, "", verdict, ""])
 
 
+GPU_MODELS = "benchmarks_model_cuda_h200.json"  # tools/benchmark_model.py on the card, seed rows
+
+
+def _pct(ratio):
+    return f"{(ratio - 1) * 100:+.1f}%"
+
+
+@renderer("gpu_models", "docs/results/gpu_models.md")
+def gpu_models(docs):
+    """MMDetection's V100 figures and their ratio to MMDetection's plain R-50-FPN, beside ours and
+    our ratio to our plain twin (from the same rounds); ours pending until the JSON exists."""
+    mmdet = _load(docs, "benchmarks_model_mmdet_v100.json")
+    ours = _load(docs, GPU_MODELS) if (Path(docs) / GPU_MODELS).is_file() else None
+    rows = {r["config"]: r for r in ours["rows"]} if ours else {}
+    source = f"{ours['machine']}, torch {ours['torch']}; {ours['note']}." if ours else "pending."
+    lines = [
+        f"`docs/{GPU_MODELS}`: {source}",
+        "",
+        "| row | MMDetection Mem GB / fps | its plain | Mem / inference time vs plain "
+        "| ours Mem GB / fps | our plain twin | Mem / inference time vs twin | train s/iter vs twin "
+        "| our ratios lower |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    better = []
+    for m in mmdet["rows"]:
+        base = mmdet["baselines"][m["baseline"]]
+        mem = m["mem_gb"] / base["mem_gb"]
+        slower = base["fps"] / m["fps"] if m["fps"] else None  # inference time vs plain
+        cells = [
+            m["label"],
+            f"{m['mem_gb']:.1f} / {m['fps'] or '-'}",
+            f"{base['mem_gb']:.1f} / {base['fps']}",
+            f"{_pct(mem)} / {_x(slower) if slower else '-'}",
+        ]
+        r = rows.get(m["config"])
+        if r is None:
+            cells += ["pending"] * 5
+        else:
+            t, i = r["train"], r["infer"]
+            ok = t["memory_ratio"] <= mem and (slower is None or i["ratio"] <= slower)
+            better.append(ok)
+            cells += [
+                f"{t['peak_gb']:.2f} / {i['fps']:.1f}",
+                f"{t['twin_peak_gb']:.2f} / {i['twin_fps']:.1f}",
+                f"{_pct(t['memory_ratio'])} / {_x(i['ratio'])}",
+                _x(t["ratio"]),
+                "yes" if ok else "**no**",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    verdict = (
+        f"Our ratios at or below MMDetection's in {sum(better)} of {len(better)} rows."
+        if better
+        else "Our columns: pending the GPU run."
+    )
+    return "\n".join([*lines, "", verdict, ""])
+
+
 def render_text(text, page, docs=DOCS):
     """``text`` (the content of ``page``, a path relative to the repository root) with every
     generated block rewritten from the JSON files in ``docs``. Raises ValueError for a block
