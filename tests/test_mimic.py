@@ -291,11 +291,8 @@ GEO_PROPOSALS = [  # max IoU with a ground-truth box; FPN level P2 unless said
     ],
 ]
 FIXED_PROPOSALS = [
-    "MODEL.LOAD_PROPOSALS",
-    "True",
-    "MODEL.PROPOSAL_GENERATOR.NAME",
-    "PrecomputedProposals",
-]
+    "MODEL.LOAD_PROPOSALS", "True", "MODEL.PROPOSAL_GENERATOR.NAME", "PrecomputedProposals",
+]  # fmt: skip
 GEO_OPTS = [
     *FIXED_PROPOSALS,
     "MODEL.ROI_BOX_HEAD.MIMIC.ROIS_PER_IMAGE", str(BUDGET),
@@ -320,8 +317,8 @@ def paper_geometry():
     Records the backbone's inputs and outputs, every box-pooler call (feature-map shapes, boxes,
     and the RoIs each level's mdpool received), the box head's outputs, and the boxes the branch
     cropped; the losses keep their graph."""
-    # float64: the references below run the crops as another batch, and a deformable ResNet's
-    # float32 rounding differs by 0.1% between batch sizes.
+    # float64, so that the references below, computed another way, agree to 1e-9: in float32 the
+    # deformable ResNet's rounding reaches 0.1% of the features.
     model = perturb(build("faster_rcnn_R50_FPN_dcnv2_mimic", *GEO_OPTS)).double().train()
     rec = SimpleNamespace(backbone=[], pooler=[], head=[], sampled=None)
     pooler = model.roi_heads.box_pooler
