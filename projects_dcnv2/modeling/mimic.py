@@ -152,7 +152,7 @@ class RCNNMimicBranch(nn.Module):
             images: the normalised batch the detector ran on.
             features: the detector's feature maps, in the order of ``in_features``.
             proposals: N ``Instances`` as ``StandardROIHeads`` samples them in training
-                (``proposal_boxes``, ``gt_classes``).
+                (``proposal_boxes``, ``gt_classes``; ``GT_BOX_FIELD`` from ``MimicROIHeads``).
             backbone: the detector's backbone: (K, 3, S, S) -> {name: feature map}.
             in_features: the feature maps the box pooler reads.
             box_pooler, box_head: the detector's own.
