@@ -39,8 +39,9 @@ NAMES = ["grad input", "grad offset", "grad mask", "grad weight", "grad bias"]
 CASES = {
     # no bias; image 0 far outside (offsets x 20), image 1 with +-1e4 and two NaN offsets
     "outside": (2, 6, 4, (7, 6), (3, 2), (2, 1), (1, 0), (2, 2), 2, 3, "outside"),
-    # two channel chunks (cg = cd = 20) and two output-channel chunks (og = 18) of 16
-    "wide": (1, 40, 36, (6, 7), (2, 2), (1, 1), (0, 1), (1, 1), 2, 2, "inside"),
+    # 40 channels in one deformable group over two conv groups of 20, in the interpreter's two
+    # channel parts of 32 + 8 (chunks of 16: 16 + 4 | 12 | 8); 18 output channels a group (16 + 2)
+    "wide": (1, 40, 36, (6, 7), (2, 2), (1, 1), (0, 1), (1, 1), 2, 1, "inside"),
     "single": (1, 6, 4, (7, 6), (3, 2), (2, 1), (1, 0), (2, 2), 2, 3, "inside"),
     "batch0": (0, 6, 4, (7, 6), (3, 2), (2, 1), (1, 0), (2, 2), 2, 3, "inside"),
 }

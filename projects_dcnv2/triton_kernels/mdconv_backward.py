@@ -87,8 +87,10 @@ def _grad_input_offset_mask_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """grad_input (float32 buffer, atomics), grad_offset and grad_mask (contiguous) of one (image,
-    deformable group, pixel tile); grid (cdiv(P, BLOCK_P), N * DG)."""
+    """grad_input, grad_offset and grad_mask (float32 buffers, atomics; the latter two contiguous) of
+    one (image, deformable group, pixel tile) from the channels of part ``program_id(2)`` of
+    ``num_programs(2)`` of the deformable group's (``span`` channels, a multiple of BLOCK_C); grid
+    (cdiv(P, BLOCK_P), N * DG, parts)."""
     n = tl.program_id(1) // DG
     d = tl.program_id(1) % DG
     P = Ho * Wo
@@ -101,8 +103,9 @@ def _grad_input_offset_mask_kernel(
     mask_pix = mask_ptr + n * ms_n + ho * ms_h + wo * ms_w
     x_img = x_ptr + n * xs_n
     gin_img = gin_ptr + n * is_n
-    c_first = d * cd
-    c_end = c_first + cd
+    span = tl.cdiv(tl.cdiv(cd, tl.num_programs(2)), BLOCK_C) * BLOCK_C
+    c_first = d * cd + tl.program_id(2) * span
+    c_end = tl.minimum(d * cd + cd, c_first + span)
     for k in range(KH * KW):
         i = k // KW
         j = k % KW
@@ -122,7 +125,7 @@ def _grad_input_offset_mask_kernel(
         db = tl.zeros([BLOCK_P], tl.float32)
         dc = tl.zeros([BLOCK_P], tl.float32)
         dd = tl.zeros([BLOCK_P], tl.float32)
-        # the deformable group's channels, split where a conv group ends
+        # the part's channels, split where a conv group ends
         for g in range(c_first // cg, (c_end - 1) // cg + 1):
             c_hi = tl.minimum(c_end, (g + 1) * cg)
             for c0 in range(tl.maximum(c_first, g * cg), c_hi, BLOCK_C):
@@ -154,9 +157,9 @@ def _grad_input_offset_mask_kernel(
         gy = (wya * da + wyb * db + wyc * dc + wyd * dd) * m
         gx = (wxa * da + wxb * db + wxc * dc + wxd * dd) * m
         planes = n * (DG * KH * KW) + dk  # as (N * DG * K) planes of P pixels
-        tl.store(goff_ptr + (2 * planes) * P + p, gy.to(goff_ptr.dtype.element_ty), mask=p_in)
-        tl.store(goff_ptr + (2 * planes + 1) * P + p, gx.to(goff_ptr.dtype.element_ty), mask=p_in)
-        tl.store(gmask_ptr + planes * P + p, gm.to(gmask_ptr.dtype.element_ty), mask=p_in)
+        tl.atomic_add(goff_ptr + (2 * planes) * P + p, gy, mask=p_in)
+        tl.atomic_add(goff_ptr + (2 * planes + 1) * P + p, gx, mask=p_in)
+        tl.atomic_add(gmask_ptr + planes * P + p, gm, mask=p_in)
 
 
 @triton.jit
@@ -288,6 +291,22 @@ def _weight_split(tiles, programs, device):
     return max(1, min(tiles, triton.cdiv(4 * sms, max(programs, 1))))
 
 
+def _channel_parts(cd, block_c, tiles, device):
+    """Parts a deformable group's channels are split into across programs of the input/offset/mask
+    kernel (each part whole BLOCK_C chunks, none empty): on CUDA enough for about four programs per
+    streaming multiprocessor when the (pixel tile, image, group) programs alone are fewer; in the
+    interpreter two, so that the tests add parts."""
+    chunks = triton.cdiv(cd, block_c)
+    if device.type != "cuda":
+        want = 2
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(4 * sms, max(tiles, 1))
+    parts = max(1, min(chunks, want))
+    span = triton.cdiv(chunks, parts) * block_c  # whole chunks per part, as the kernel computes
+    return triton.cdiv(cd, span)
+
+
 def _check_device(input):
     if INTERPRETED and input.device.type != "cpu":
         raise RuntimeError(
@@ -323,10 +342,10 @@ def mdconv_backward(
     out_channels, cg, kh, kw = weight.shape
     Ho, Wo = grad.shape[2:]
     og, cd, P, dtype = out_channels // groups, C // dg, Ho * Wo, input.dtype
-    grad_offset = offset.new_zeros(offset.shape)
-    grad_mask = mask.new_zeros(mask.shape)
     # float32 accumulators: grad_input channels-last (a pixel's channels adjacent for the atomics),
     # grad_weight as (O, kh, kw, cg)
+    goff = offset.new_zeros(offset.shape, dtype=torch.float32)
+    gmask = mask.new_zeros(mask.shape, dtype=torch.float32)
     gin = input.new_zeros((N, H, W, C), dtype=torch.float32).permute(0, 3, 1, 2)
     gw = weight.new_zeros((out_channels, kh, kw, cg), dtype=torch.float32).permute(0, 3, 1, 2)
     if bias is not None:
@@ -344,7 +363,7 @@ def mdconv_backward(
         geometry = (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
         strides = (*grad.stride(), *x.stride(), *offset.stride(), *mask.stride())
         args_input = (
-            grad, x, offset, mask, w, gin, grad_offset, grad_mask, H, W, Ho, Wo, dg, cg, og, cd,
+            grad, x, offset, mask, w, gin, goff, gmask, H, W, Ho, Wo, dg, cg, og, cd,
             *geometry, *strides, *w.stride(), *gin.stride(),
         )  # fmt: skip
         args_weight = (
@@ -353,7 +372,9 @@ def mdconv_backward(
         )  # fmt: skip
 
         def grid_input(blocks):
-            return triton.cdiv(P, blocks["BLOCK_P"]), N * dg
+            tiles = triton.cdiv(P, blocks["BLOCK_P"]) * N * dg
+            parts = _channel_parts(cd, blocks["BLOCK_C"], tiles, input.device)
+            return triton.cdiv(P, blocks["BLOCK_P"]), N * dg, parts
 
         def grid_weight(blocks):
             rows = groups * triton.cdiv(og, blocks["BLOCK_O"])
@@ -380,8 +401,8 @@ def mdconv_backward(
                 )
     return (
         gin.to(dtype=dtype, memory_format=torch.contiguous_format),
-        grad_offset,
-        grad_mask,
+        goff.to(dtype),
+        gmask.to(dtype),
         gw.to(dtype=dtype, memory_format=torch.contiguous_format),
         grad_bias,
     )
