@@ -259,8 +259,15 @@ def render_text(text, page, docs=DOCS):
 
 
 def pages():
-    """The pages that have generated blocks, relative to the repository root."""
-    return sorted({page for page, _ in RENDERERS.values()})
+    """The pages that have generated blocks, relative to the repository root: those of the
+    registered renderers and every docs/results/ page with a marker (a marker without a renderer is
+    an error in render_text)."""
+    marked = {
+        str(path.relative_to(REPO))
+        for path in (DOCS / "results").glob("*.md")
+        if "<!-- results:" in path.read_text()
+    }
+    return sorted(marked | {page for page, _ in RENDERERS.values()})
 
 
 def main(argv=None):
