@@ -41,8 +41,8 @@ __all__ = [
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
     """COCO box (and mask) AP for ``dataset_name``, results under ``output_folder`` (default
-    ``OUTPUT_DIR/inference``). The fast COCOeval needs ``detectron2._C``; without it (a
-    Python-only Detectron2 install) pycocotools' evaluation gives the same numbers."""
+    ``OUTPUT_DIR/inference``). Detectron2's fast COCOeval needs ``detectron2._C``; without it
+    (a Python-only Detectron2 install) pycocotools' own COCOeval is used."""
     try:
         from detectron2 import _C  # noqa: F401
 
