@@ -115,14 +115,13 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
     problems = []
     unexpected, missing, shapes = set(unexpected), set(missing), list(shapes)
 
-    def rows_differ(s):  # (key, checkpoint shape, model shape): output channels (dim 0) differ
-        return s[1][:1] != s[2][:1]
+    def take(selected):  # the (key, checkpoint shape, model shape) whose dim 0 differs, removed
+        nonlocal shapes
+        taken = [s for s in shapes if selected(s[0]) and s[1][:1] != s[2][:1]]
+        shapes = [s for s in shapes if s not in taken]
+        return taken
 
-    offset_shapes = [
-        s
-        for s in shapes
-        if component_of(s[0], bottom_up_prefix) == "offset convs" and rows_differ(s)
-    ]
+    offset_shapes = take(lambda k: component_of(k, bottom_up_prefix) == "offset convs")
     if offset_shapes:
         weights = [s for s in offset_shapes if s[0].endswith(".weight")]
         _, ckpt, model = (weights or offset_shapes)[0]
@@ -133,9 +132,7 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
             "checkpoint's (dg=4: configs/faster_rcnn_R50_FPN_mdconv_dg4.yaml).\n"
             + _describe_shapes(offset_shapes)
         )
-        shapes = [s for s in shapes if s not in offset_shapes]
-
-    class_shapes = [s for s in shapes if s[0].startswith(CLASS_SPECIFIC) and rows_differ(s)]
+    class_shapes = take(lambda k: k.startswith(CLASS_SPECIFIC))
     if class_shapes:
         what = "the class-specific layers differ"
         for key, ckpt, model in class_shapes:
@@ -145,7 +142,6 @@ def _diagnose(unexpected, missing, shapes, bottom_up_prefix) -> List[str]:
                     f"MODEL.ROI_HEADS.NUM_CLASSES = {model[0] - 1}"
                 )
         problems.append(f"- number of classes differs: {what}.\n" + _describe_shapes(class_shapes))
-        shapes = [s for s in shapes if s not in class_shapes]
 
     def stages(found):
         return ", ".join(sorted({k[len(bottom_up_prefix) :].split(".")[0] for k in found}))
