@@ -161,7 +161,8 @@ def proposals_around_objects(per_object, seed=0):
             near = Instances(props.image_size)
             near.proposal_boxes = Boxes(boxes + move * wh)
             near.proposal_boxes.clip(props.image_size)
-            near.objectness_logits = props.objectness_logits[:1].expand(len(boxes)).clone()
+            # the heads do not read objectness in training
+            near.objectness_logits = props.objectness_logits.new_zeros(len(boxes))
             out.append(Instances.cat([props[: max(len(props) - len(boxes), 0)], near]))
         return out, losses
 
