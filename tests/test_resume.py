@@ -1,6 +1,7 @@
-"""Checkpoints survive crashes: the trainer's AtomicCheckpointer writes atomically (a fault while writing leaves
-the previous checkpoint and ``last_checkpoint`` intact), and train_net.py killed with SIGKILL
-mid-run resumes from its last checkpoint with the optimizer and scheduler state."""
+"""Checkpoints survive crashes: the trainer's ``AtomicCheckpointer`` (projects_dcnv2/engine.py)
+writes atomically (a fault while writing leaves the previous checkpoint and ``last_checkpoint``
+intact), and train_net.py killed with SIGKILL mid-run resumes from its last checkpoint with the
+optimizer and scheduler state."""
 
 import os
 import pickle
