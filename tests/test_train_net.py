@@ -14,16 +14,10 @@ from pycocotools.coco import COCO
 
 from projects_dcnv2.data.shapes import CLASSES, IMAGE_SIZE, SPLIT_SIZES, generate_shapes_dataset
 
+from builders import SMALL
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/quick_schedules/mask_rcnn_R50_FPN_mdconv_shapes.yaml"
-TINY = [
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_ITERS", "2",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    "DATALOADER.NUM_WORKERS", "0",
-    # A 4-iteration model scores below the 0.05 default; keep its top boxes so COCOeval runs.
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20",
-]  # fmt: skip
 
 
 def run_train_net(datasets, *args, config=CONFIG):
@@ -46,7 +40,7 @@ def trained(tmp_path_factory):
     """One tiny training run (4 iterations, checkpoint every 2), evaluated at the end."""
     datasets = tmp_path_factory.mktemp("datasets")
     out = tmp_path_factory.mktemp("output")
-    rc, log = run_train_net(datasets, *TINY, "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(out))
+    rc, log = run_train_net(datasets, *SMALL, "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(out))
     assert rc == 0, log[-5000:]
     return datasets, out, log
 
@@ -67,7 +61,7 @@ def test_eval_only_prints_coco_metrics(trained):
     rc, log = run_train_net(
         datasets,
         "--eval-only",
-        *TINY,
+        *SMALL,
         "OUTPUT_DIR",
         str(out / "eval"),
         "MODEL.WEIGHTS",
@@ -84,7 +78,7 @@ def test_eval_only_prints_coco_metrics(trained):
 def test_resume_continues_from_the_saved_iteration(trained):
     datasets, out, _ = trained
     rc, log = run_train_net(
-        datasets, "--resume", *TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(out)
+        datasets, "--resume", *SMALL, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(out)
     )
     assert rc == 0, log[-5000:]
     assert "Starting training from iteration 4" in log
