@@ -129,7 +129,7 @@ fi
 
 # One architecture, the card's: the default list (every architecture torch was built for) would
 # multiply the build time.
-step build 240 env DCNV2_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" "$PY" setup.py build_ext --inplace ||
+step build 120 env DCNV2_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" "$PY" setup.py build_ext --inplace ||
   { [ $plan = 1 ] || { echo "build failed" | tee -a "$summary"; packup; exit 1; }; }
 
 # ----------------------------------------------------------------------------------- the steps
