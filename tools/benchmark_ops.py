@@ -13,7 +13,16 @@ ResNet-50-FPN with mdconv in c3-c5 (torchvision's ResNet and FPN, random weights
 and run in ONNX Runtime vs eager PyTorch. ONNX Runtime uses as many threads as PyTorch, with
 session.intra_op.allow_spinning=0 (idle threads that spin slow down whatever runs next).
 
+On CUDA (``--device cuda``) the mdconv rows instead time, in the same rounds: the fused Triton
+kernels (``torch.ops.dcnv2._triton_*``), the column path (``_cuda_*``), torchvision's
+deform_conv2d and cuDNN's conv2d, at each ``--batch``, forward and forward+backward (all through
+autograd, gradients of every input); each op's peak memory beyond its inputs, output and
+gradients (``max_memory_allocated``); the first call's time (Triton's compile and autotune) apart
+from the rounds. ``--tf32 on|off`` sets both ``torch.backends.cudnn.allow_tf32`` (conv2d, the
+fused kernels) and ``torch.backends.cuda.matmul.allow_tf32`` (the column path's GEMM).
+
     python tools/benchmark_ops.py [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--repeat 10] [--json out.json]
+    python tools/benchmark_ops.py --device cuda --batch 1,2 --dtype float16 --tf32 on --json out.json
 """
 
 import argparse
@@ -29,6 +38,7 @@ import torchvision
 from projects_dcnv2.layers import deform_roi_pool, modulated_deform_conv2d
 
 STAGES = {"c3": (128, 100, 152), "c4": (256, 50, 76), "c5": (512, 25, 38)}
+STAGES_TINY = {"c3": (16, 6, 5), "c4": (16, 3, 4), "c5": (32, 2, 2)}  # --fused-on-cpu
 
 
 def _sync(device):
@@ -259,6 +269,197 @@ def bench_conv(name, channels, h, w, dg, device, dtype, repeat, ort=None):
     return row
 
 
+class _ViaOps(torch.autograd.Function):
+    """mdconv through a given forward and backward operator pair, with autograd as the public op."""
+
+    @staticmethod
+    def forward(ctx, ops, x, offset, mask, weight, dg):
+        ctx.ops, ctx.dg = ops, dg
+        ctx.save_for_backward(x, offset, mask, weight)
+        return ops[0](x, offset, mask, weight, None, 1, 1, 1, 1, 1, 1, 1, dg)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, offset, mask, weight = ctx.saved_tensors
+        grads = ctx.ops[1](grad, x, offset, mask, weight, None, 1, 1, 1, 1, 1, 1, 1, ctx.dg)
+        return (None, *grads[:4], None)
+
+
+def _fused_impls(device):
+    """The four implementations of a 3x3 (padding 1) convolution timed on CUDA, as
+    fn(x, offset, mask, weight, dg). On CPU (the hidden --fused-on-cpu, Triton's interpreter) the
+    column path's place is taken by the CPU op."""
+    ops = torch.ops.dcnv2
+    column = "_cuda_" if device == "cuda" else ""
+    pairs = {
+        "triton": (
+            ops._triton_modulated_deform_conv2d,
+            ops._triton_modulated_deform_conv2d_backward,
+        ),
+        "cuda": (
+            getattr(ops, column + "modulated_deform_conv2d"),
+            getattr(ops, "_" + column.lstrip("_") + "modulated_deform_conv2d_backward"),
+        ),
+    }
+    return {
+        "triton": lambda x, o, m, w, dg: _ViaOps.apply(pairs["triton"], x, o, m, w, dg),
+        "cuda": lambda x, o, m, w, dg: _ViaOps.apply(pairs["cuda"], x, o, m, w, dg),
+        "torchvision": lambda x, o, m, w, dg: torchvision.ops.deform_conv2d(
+            x, o, w, padding=(1, 1), mask=m
+        ),
+        "conv2d": lambda x, o, m, w, dg: F.conv2d(x, w, padding=1),
+    }
+
+
+def _peak_extra_bytes(fn, device, known_bytes):
+    """Peak memory allocated while fn runs beyond what was allocated before it and the
+    ``known_bytes`` of what it returns (output, gradients); None off CUDA."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - known_bytes(result)
+    del result
+    return extra
+
+
+def _nbytes(result):
+    tensors = result if isinstance(result, (tuple, list)) else (result,)
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+IMPLS = ("triton", "cuda", "torchvision", "conv2d")
+
+
+def bench_conv_fused(name, channels, h, w, dg, batch, device, dtype, repeat):
+    """One row of the CUDA table: every implementation in the same rounds."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, h, w, generator=g).to(device, dtype)
+    weight = (torch.randn(channels, channels, 3, 3, generator=g) * 0.05).to(device, dtype)
+    offset = torch.randn(batch, 2 * dg * 9, h, w, generator=g).to(device, dtype)
+    mask = torch.rand(batch, dg * 9, h, w, generator=g).to(device, dtype)
+    grad = torch.randn(batch, channels, h, w, generator=g).to(device, dtype)
+    leaves = [t.requires_grad_() for t in (x, offset, mask, weight)]
+    impls = _fused_impls(device)
+    row = {"shape": name, "dg": dg, "batch": batch}
+    for phase in ("fwd", "fwdbwd"):
+        if phase == "fwd":
+            fns = {
+                k: (lambda f=f: _no_grad_result(lambda: f(x, offset, mask, weight, dg)))
+                for k, f in impls.items()
+            }
+        else:
+            fns = {
+                k: (
+                    lambda f=f: torch.autograd.grad(
+                        f(x, offset, mask, weight, dg), leaves, grad, allow_unused=True
+                    )
+                )
+                for k, f in impls.items()
+            }
+        # the first call of each (Triton compiles and autotunes here), apart from the rounds
+        for key, fn in fns.items():
+            row[f"{key}_{phase}_first_call_s"] = _once(fn, device)
+        for key, fn in fns.items():
+            extra = _peak_extra_bytes(fn, device, _nbytes)
+            row[f"{key}_{phase}_extra_mb"] = None if extra is None else extra / 2**20
+        times = _time_rounds(fns, device, repeat)
+        for key in IMPLS:
+            row[f"{key}_{phase}_ms"] = 1e3 * statistics.median(times[key])
+        # ratios: medians of the per-round ratios of these same rounds
+        for a, b in (
+            ("triton", "conv2d"),
+            ("cuda", "conv2d"),
+            ("torchvision", "triton"),
+            ("cuda", "triton"),
+            ("torchvision", "cuda"),
+        ):
+            row[f"{a}/{b}_{phase}"] = statistics.median(
+                ta / tb for ta, tb in zip(times[a], times[b])
+            )
+    row["output_mb"] = batch * channels * h * w * x.element_size() / 2**20
+    return row
+
+
+def _no_grad_result(fn):
+    with torch.no_grad():
+        return fn()
+
+
+def main_fused(args, dtype):
+    """The CUDA table (and, with the hidden --fused-on-cpu, the same code on CPU tensors through
+    Triton's interpreter at a tiny size, to exercise it without a GPU)."""
+    device = args.device
+    if device == "cuda":
+        tf32 = args.tf32 == "on"
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    stages = STAGES_TINY if args.fused_on_cpu else STAGES
+    batches = [int(b) for b in args.batch.split(",")]
+    result = {
+        "device": device,
+        "machine": _machine(device),
+        "dtype": args.dtype,
+        "tf32": args.tf32 if dtype == torch.float32 else "n/a",
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "triton": _triton_version(),
+        "repeat": args.repeat,
+        "fused": [],
+    }
+    print(
+        f"# {result['machine']} ({device}, {args.dtype}, TF32 {result['tf32']}), torch "
+        f"{torch.__version__}, triton {result['triton']}; medians of {args.repeat} rounds, "
+        "every implementation in each round"
+    )
+    header = (
+        "shape",
+        "dg",
+        "N",
+        "phase",
+        "ms triton / cuda / tv / conv2d",
+        "triton/conv2d",
+        "tv/triton",
+        "cuda/triton",
+        "extra MB triton / cuda / tv",
+        "first call s (triton)",
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for batch in batches:
+        for dg in (1, 4):
+            for name in args.stages.split(","):
+                r = bench_conv_fused(name, *stages[name], dg, batch, device, dtype, args.repeat)
+                result["fused"].append(r)
+                for ph in ("fwd", "fwdbwd"):
+                    ms = " / ".join(f"{r[f'{k}_{ph}_ms']:.3f}" for k in IMPLS)
+                    mb = " / ".join(
+                        "-" if r[f"{k}_{ph}_extra_mb"] is None else f"{r[f'{k}_{ph}_extra_mb']:.1f}"
+                        for k in IMPLS[:3]
+                    )
+                    print(
+                        f"| {name} | {dg} | {batch} | {ph} | {ms} | {r[f'triton/conv2d_{ph}']:.2f}x "
+                        f"| {r[f'torchvision/triton_{ph}']:.2f}x | {r[f'cuda/triton_{ph}']:.2f}x "
+                        f"| {mb} | {r[f'triton_{ph}_first_call_s']:.2f} |",
+                        flush=True,
+                    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def _no_grad(fn):
     with torch.no_grad():
         fn()
@@ -321,8 +522,20 @@ def main():
     parser.add_argument(
         "--no-onnxruntime", action="store_true", help="CPU: skip the ONNX Runtime column and row"
     )
+    parser.add_argument("--batch", default="1", help="CUDA: comma-separated batch sizes (e.g. 1,2)")
+    parser.add_argument(
+        "--tf32",
+        default="on",
+        choices=["on", "off"],
+        help="CUDA, float32: TF32 products for conv2d, the fused kernels and the column path",
+    )
+    # hidden: the CUDA table's code on CPU tensors at a tiny size, with TRITON_INTERPRET=1 set
+    parser.add_argument("--fused-on-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.device == "cuda" or args.fused_on_cpu:
+        main_fused(args, dtype)
+        return
     use_ort = args.device == "cpu" and dtype == torch.float32 and not args.no_onnxruntime
     ort = _onnxruntime() if use_ort else None
     kept = args.device == "cpu" and not args.fresh_memory and _keep_freed_memory()
