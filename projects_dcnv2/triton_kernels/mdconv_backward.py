@@ -10,12 +10,13 @@ The column gradient gcol[n, c, k, p] = sum over o in c's conv group of weight[o,
 grad[n, o, p] lives only in registers, one (pixels x channels) tile at a time, as the product of a
 (pixels x output channels) tile of grad and an (output channels x channels) tile of weight:
 
-* ``_grad_input_offset_mask_kernel``, one program per (image, deformable group, pixel tile): for each
-  tap it places the tile's samples once, then for each channel chunk of the group (split where the
-  deformable group crosses a conv group) computes the gcol tile, scatters gcol * mask * bilinear
-  weight into a float32 grad_input with atomic adds, and reduces gcol * sample (the mask gradient)
-  and gcol * d sample / d(y, x) (times the mask: the offset gradient) over the group's channels in
-  registers; each offset and mask gradient is written once, without atomics.
+* ``_grad_input_offset_mask_kernel``, one program per (pixel tile, image, deformable group, part of
+  the group's channels): for each tap it places the tile's samples once, then for each channel
+  chunk of its part (split where a conv group ends) computes the gcol tile, scatters
+  gcol * mask * bilinear weight into a float32 grad_input with atomic adds, and reduces
+  gcol * sample (the mask gradient) and gcol * d sample / d(y, x) (times the mask: the offset
+  gradient) over the part's channels in registers, then adds them to float32 offset and mask
+  gradients with atomics (the parts of a group meet there; small maps need parts to fill the GPU).
 * ``_grad_weight_kernel``: grad_weight[o, c, k] = sum over (n, p) of grad[n, o, p] * col[n, c, k, p]
   as an implicit GEMM, the column tile col = mask * sample re-sampled in registers. The N * P
   reduction is split into ``split`` parts added with float32 atomics into one weight-sized buffer
@@ -25,7 +26,7 @@ grad[n, o, p] lives only in registers, one (pixels x channels) tile at a time, a
 * grad_bias: grad summed over (N, Ho, Wo) in float32 (torch).
 
 Accumulation is float32 for float16, bfloat16 and float32 inputs; float64 is not supported here (it
-stays on the column path).
+stays on the column path). docs/fused_mdconv.md has the design and what the tests check.
 """
 
 import torch
