@@ -1,5 +1,5 @@
-// Modulated deformable convolution (DCNv2): the schemas, the argument checks and the column blocks,
-// shared by both back-ends.
+// Modulated deformable convolution (DCNv2): the operators' signatures, the argument checks and the
+// column blocks, shared by both back-ends.
 //
 // Shapes: input (N, C, H, W); offset (N, 2*dg*kh*kw, Ho, Wo) laid out [group][tap i*kw+j][dy, dx];
 // mask (N, dg*kh*kw, Ho, Wo) laid out [group][tap]; weight (Cout, C/groups, kh, kw); bias (Cout) or none.
