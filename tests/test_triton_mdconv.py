@@ -12,6 +12,9 @@ float16.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -342,3 +345,43 @@ def test_backward_op_alerts_under_deterministic_algorithms():
     torch.use_deterministic_algorithms(True)  # conftest.py puts the mode back
     with pytest.raises(RuntimeError, match="_triton_modulated_deform_conv2d_backward"):
         OPS._triton_modulated_deform_conv2d_backward(grad, x, offset, mask, weight, bias, *params)
+
+
+_COMPILE_FOR_SM90 = """
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from projects_dcnv2.triton_kernels import mdconv_forward
+
+fn = mdconv_forward._mdconv_forward_kernel
+for dtype, precision in (("float16", "ieee"), ("bfloat16", "ieee"), ("float32", "tf32")):
+    meta = dict(HAS_BIAS=True, KH=3, KW=3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+    meta.update(DOT_DTYPE=getattr(tl, dtype), DOT_PRECISION=precision)
+    pointer = "*" + {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+    signature = {
+        n: "constexpr" if n in meta else pointer if n.endswith("_ptr") else "i32"
+        for n in fn.arg_names
+    }
+    constexprs = {(fn.arg_names.index(k),): v for k, v in meta.items()}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    print(dtype, len(kernel.asm["cubin"]), "mma" in kernel.asm["ptx"])
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU every test above compiles the kernel for it")
+def test_forward_kernel_compiles_for_an_sm90_gpu():
+    """Triton's real compiler (not the interpreter: a process without TRITON_INTERPRET) turns the
+    kernel into an H100/H200 (sm_90) cubin without a GPU, with tensor-core instructions (mma) for
+    the float16, bfloat16 and TF32 products."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split() for line in run.stdout.splitlines()]
+    assert [line[0] for line in lines] == ["float16", "bfloat16", "float32"]
+    for dtype, size, mma in lines:
+        assert int(size) > 0 and mma == "True", dtype
