@@ -10,9 +10,10 @@ with one, the same cases run on CUDA tensors, float32 products in TF32 when
 
 Every feature of the kernels is in a case: kernel (3, 2), stride (2, 1), dilation 2, groups 2 x
 deformable groups 3 (a deformable group straddling two conv groups, a channel tile meeting two
-deformable groups); N = 0, 1, 2, 3; a partial last pixel tile; several output-channel and channel
-chunks; offsets inside, far outside, 1e4 and NaN; non-contiguous inputs; bias and no bias;
-grad_weight's reduction in uneven parts (6 pixel tiles in the interpreter's 4 parts). The determinism alert is test_triton_mdconv.py's.
+deformable groups); N = 0, 1, 2, 3; partial pixel tiles; several output-channel and channel
+chunks and channel parts; offsets inside, far outside, 1e4 and NaN; non-contiguous inputs; bias and
+no bias; grad_weight's reduction in uneven parts (3 pixel tiles in the interpreter's 2 parts). The
+determinism alert is test_triton_mdconv.py's.
 """
 
 import math
@@ -34,13 +35,14 @@ OPS = torch.ops.dcnv2
 NAMES = ["grad input", "grad offset", "grad mask", "grad weight", "grad bias"]
 
 # test_cuda_path's "awkward" (N 3, kernel (3, 2), stride (2, 1), padding (1, 0), dilation 2, groups
-# 2 x dg 3, bias, offsets inside; 4 x 5 = 20 pixels: a full and a partial tile of 16) and these, in
+# 2 x dg 3, bias, offsets inside; 4 x 5 = 20 pixels: a partial tile of 32) and these, in
 # its layout: n, c_in, c_out, (H, W), (kh, kw), stride, padding, dilation, groups, dg, offsets
 CASES = {
     # no bias; image 0 far outside (offsets x 20), image 1 with +-1e4 and two NaN offsets
     "outside": (2, 6, 4, (7, 6), (3, 2), (2, 1), (1, 0), (2, 2), 2, 3, "outside"),
     # 40 channels in one deformable group over two conv groups of 20, in the interpreter's two
-    # channel parts of 32 + 8 (chunks of 16: 16 + 4 | 12 | 8); 18 output channels a group (16 + 2)
+    # channel parts of 32 + 8 (chunks of 16: 16 + 4 | 12 | 8); 18 output channels a group (16 + 2);
+    # 5 x 8 = 40 pixels: tiles of 32 + 8
     "wide": (1, 40, 36, (6, 7), (2, 2), (1, 1), (0, 1), (1, 1), 2, 1, "inside"),
     "single": (1, 6, 4, (7, 6), (3, 2), (2, 1), (1, 0), (2, 2), 2, 3, "inside"),
     "batch0": (0, 6, 4, (7, 6), (3, 2), (2, 1), (1, 0), (2, 2), 2, 3, "inside"),
