@@ -1,8 +1,9 @@
 """Mixed precision: the DCNv2 ops and layers under ``torch.autocast`` against float32.
 
-``projects_dcnv2/_ops.py`` registers both ops to run in float32 under autocast (CPU and CUDA):
-whatever the dtype of their inputs, they compute and return float32. Around them, the layers'
-own ``nn.Conv2d`` / ``nn.Linear`` (offset and mask predictors) run in the autocast dtype. The
+``projects_dcnv2/_ops.py`` registers both ops to run in float32 under autocast on CPU, and
+deform_roi_pool on CUDA too: whatever the dtype of their inputs, they compute and return float32.
+On CUDA modulated_deform_conv2d runs in the autocast dtype, as F.conv2d (``_triton_ops.py``).
+Around them, the layers' own ``nn.Conv2d`` / ``nn.Linear`` (offset and mask predictors) run in the autocast dtype. The
 op-level policy for one bfloat16 input is pinned in test_mdconv.py / test_deform_roi_pool.py
 (``test_autocast_cpu_computes_in_float32``); here all inputs come in low precision, the layers
 run end to end, and a whole model trains one step.
@@ -81,16 +82,20 @@ def test_mdconv_low_precision_inputs_under_autocast(device, dtype):
     low = [t.detach().to(dtype).requires_grad_() for t in ref]
     upcast = [t.detach().float().requires_grad_() for t in low]
     expected, exact = _conv(*ref), _conv(*upcast)
+    if device == "cuda":  # on CUDA the op runs in the autocast dtype, as F.conv2d (_triton_ops.py)
+        upcast = [t.detach().clone().requires_grad_() for t in low]
+        exact = _conv(*upcast)
     with torch.autocast(device, dtype=dtype):
         out = _conv(*low)
-    assert out.dtype == torch.float32  # the registered autocast policy: float32 compute and result
+    # the registered autocast policy: float32 compute and result on CPU, the autocast dtype on CUDA
+    assert out.dtype == (dtype if device == "cuda" else torch.float32)
     assert _error(out, exact) < 1e-6
     assert _error(out, expected) < TOL[dtype][0]
     grad_out = torch.randn_like(expected)
     for name, g, g_exact, g32 in zip(
         ("input", "offset", "mask", "weight", "bias"),
-        _grads(out, low, grad_out),
-        _grads(exact, upcast, grad_out),
+        _grads(out, low, grad_out.to(out.dtype)),
+        _grads(exact, upcast, grad_out.to(exact.dtype)),
         _grads(expected, ref, grad_out),
     ):
         assert g.dtype == dtype, name  # a gradient has its leaf's dtype
@@ -136,8 +141,9 @@ def _randomise(module, std):
     return module
 
 
-def _compare_module(module, inputs, device, dtype):
-    """The module's output and parameter gradients under autocast against float32."""
+def _compare_module(module, inputs, device, dtype, out_dtype=torch.float32):
+    """The module's output (of ``out_dtype``) and parameter gradients under autocast against
+    float32."""
     module = module.to(device)
     expected = module(*inputs)
     grad_out = torch.randn_like(expected)
@@ -145,10 +151,10 @@ def _compare_module(module, inputs, device, dtype):
     grads32 = _grads(expected, params, grad_out)
     with torch.autocast(device, dtype=dtype):
         out = module(*inputs)
-    assert out.dtype == torch.float32
+    assert out.dtype == out_dtype
     assert _error(out, expected) < TOL[dtype][0]
     names = [n for n, _ in module.named_parameters()]
-    for name, g, g32 in zip(names, _grads(out, params, grad_out), grads32):
+    for name, g, g32 in zip(names, _grads(out, params, grad_out.to(out.dtype)), grads32):
         assert g.dtype == torch.float32, name  # float32 master weights get float32 gradients
         assert g.abs().sum() > 0, name
         assert _error(g, g32) < TOL[dtype][1], name
@@ -169,7 +175,8 @@ def test_modulated_deform_conv2d_pack_under_autocast(device, dtype):
     x = torch.randn(2, 8, 10, 9)
     offsets = pack.conv_offset(x)[:, :n]
     assert ((offsets - offsets.floor() - 0.5).abs() < 0.3).all()
-    _compare_module(pack, [x.to(device)], device, dtype)
+    out_dtype = dtype if device == "cuda" else torch.float32  # mdconv's autocast policy
+    _compare_module(pack, [x.to(device)], device, dtype, out_dtype)
 
 
 @pytest.mark.parametrize("device, dtype", DEVICES)

@@ -412,20 +412,21 @@ def test_conv_cuda_matches_torchvision_cuda(case, dtype):
 
 
 @needs_cuda
-def test_conv_autocast_with_float16_inputs():
-    """float16 inputs under autocast: the op's autocast registration must cast them up (float32 result equal to
-    float32 on the same values); a missing registration would return float16."""
+def test_conv_autocast_with_float32_inputs():
+    """float32 inputs under float16 autocast: the op's CUDA autocast rule casts them down, as for
+    F.conv2d (float16 result equal to the op on the float16 values); without it, float32."""
     ts, params, ref, scale = conv_case_data("basic", torch.float16)
-    half = [t.to("cuda", torch.float16) for t in ts[:5]]
+    full = [t.to("cuda", torch.float32) for t in ts[:5]]
     sh, sw, ph, pw, dh, dw, groups, dg = params
     kw = dict(
         stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups, deformable_groups=dg
     )
     with torch.autocast("cuda", dtype=torch.float16):
-        out = modulated_deform_conv2d(*half, **kw)
-    assert out.dtype == torch.float32
-    expected = modulated_deform_conv2d(*[t.float() for t in half], **kw)
-    assert_within(out, expected, scale[0].to("cuda"), torch.float32, "autocast output")
+        out = modulated_deform_conv2d(*full, **kw)
+    assert out.dtype == torch.float16
+    expected = modulated_deform_conv2d(*[t.half() for t in full], **kw)
+    assert torch.equal(out, expected)
+    assert_within(out, ref[0], scale[0], torch.float16, "autocast output")
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
