@@ -5,8 +5,8 @@ deform_roi_pool on CUDA too: whatever the dtype of their inputs, they compute an
 On CUDA modulated_deform_conv2d runs in the autocast dtype, as F.conv2d (``_triton_ops.py``).
 Around them, the layers' own ``nn.Conv2d`` / ``nn.Linear`` (offset and mask predictors) run in
 the autocast dtype. The op-level policy for one bfloat16 input is pinned in test_mdconv.py /
-test_deform_roi_pool.py (``test_autocast_cpu_computes_in_float32``); here all inputs come in low precision, the layers
-run end to end, and a whole model trains one step.
+test_deform_roi_pool.py (``test_autocast_cpu_computes_in_float32``); here all inputs come in low
+precision, the layers run end to end, and a whole model trains one step.
 
 Tolerances, as a fraction of the largest magnitude of the float32 result: bfloat16 keeps 8
 significant bits (a rounding error up to 2^-9 = 0.2% per value), float16 11 bits (0.03%).
