@@ -197,7 +197,10 @@ def verify(dest, python_version):
         ).stdout.strip()  # fmt: skip
         Path(purelib, "gpu_image.pth").write_text(str(view) + "\n")
         log(f"scratch environment sees {len(linked)} distributions of the image (pip, torch, ...)")
-        env = dict(os.environ, PYTHONPATH=f"{site}:{ROOT}", PYTHONNOUSERSITE="1")
+        # one OpenMP thread: oversubscribed threads on a busy machine slow a tiny model many times
+        env = dict(
+            os.environ, PYTHONPATH=f"{site}:{ROOT}", PYTHONNOUSERSITE="1", OMP_NUM_THREADS="1"
+        )
         for key in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT"):
             env.pop(key, None)
         install = INSTALL.format(site=site, dest=dest).replace("python3", str(python), 1)
