@@ -473,6 +473,11 @@ def test_benchmark_model_trains_and_infers_a_pair(tmp_path):
     assert f"/ {row['infer']['ratio']:.2f}x | {row['train']['ratio']:.2f}x |" in line
     assert "| Faster, mdpool | 5.8 / 16.6 | 4.0 / 21.4 | +45.0% / 1.29x | pending |" in text
     assert "MMDetection's in 1 of 1 rows." in text or "MMDetection's in 0 of 1 rows." in text
+    # the CPU page's block reads the tool's rows as well
+    (docs / "benchmarks_model_cpu.json").write_text(out.read_text())
+    cpu = render.cpu_models(docs)
+    assert f"| {twin} | {row_key} | {row['infer']['twin_median_s']:.2f} |" in cpu
+    assert f"| {row['backbone']['ratio']:.2f}x | {row['infer']['twin_peak_gb'] * 1024:.0f} |" in cpu
 
 
 # ----------------------------------------------------------------------------------------------
