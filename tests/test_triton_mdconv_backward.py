@@ -24,7 +24,7 @@ import sys
 import pytest
 import torch
 from test_cuda_path import CONV_CASES, assert_within, conv_case_data, conv_reference
-from test_triton_mdconv import DEVICES, _bound_dtype
+from test_triton_mdconv import DEVICES, HAS_CUDA, _bound_dtype
 
 import projects_dcnv2.layers  # noqa: F401  (registers torch.ops.dcnv2)
 from projects_dcnv2 import triton_kernels
@@ -166,32 +166,44 @@ def test_tf32_flag_reaches_both_kernels(device, allow_tf32, monkeypatch):
     assert seen == ["tf32" if allow_tf32 else "ieee"] * 2
 
 
-def test_kernels_compile_for_a_gpu_target():
-    """The interpreter accepts some code the compiler rejects: both kernels (bfloat16) compiled to
-    sm_90 machine code here (Triton's bundled ptxas; no GPU needed), in a process without
-    TRITON_INTERPRET."""
-    pytest.importorskip("triton.backends.nvidia")
-    code = r"""
-import triton, triton.language as tl
+_COMPILE_FOR_SM90 = """
+import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from projects_dcnv2.triton_kernels import mdconv_backward as mb
-for dt, tdt, prec in (("bf16", tl.bfloat16, "ieee"),):
-    for fn, acc, blocks in ((mb._grad_input_offset_mask_kernel, "gin_ptr", (64, 32, 32)),
-                            (mb._grad_weight_kernel, "gw_ptr", (32, 32, 64))):
-        consts = dict(KH=3, KW=2, BLOCK_P=blocks[0], BLOCK_C=blocks[1], BLOCK_O=blocks[2],
-                      DOT_DTYPE=tdt, DOT_PRECISION=prec)
+
+accumulators = {"gin_ptr", "goff_ptr", "gmask_ptr", "gw_ptr"}  # float32 buffers
+for dtype, precision in (("bfloat16", "ieee"), ("float32", "tf32")):
+    for fn in (mb._grad_input_offset_mask_kernel, mb._grad_weight_kernel):
+        meta = dict(KH=3, KW=2, BLOCK_P=64, BLOCK_C=32, BLOCK_O=32)
+        meta.update(DOT_DTYPE=getattr(tl, dtype), DOT_PRECISION=precision)
         if "COL_DTYPE" in fn.arg_names:
-            consts["COL_DTYPE"] = tdt
-        sig = {n: "constexpr" if n in consts else ("*fp32" if n == acc else "*" + dt)
-               if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-        k = triton.compile(ASTSource(fn, sig, constexprs=consts),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert k.asm["cubin"], (fn, dt)
-print("compiled")
+            meta["COL_DTYPE"] = getattr(tl, dtype)
+        pointer = "*" + {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+        signature = {
+            n: "constexpr" if n in meta else "*fp32" if n in accumulators
+            else pointer if n.endswith("_ptr") else "i32"
+            for n in fn.arg_names
+        }
+        src = ASTSource(fn=fn, signature=signature, constexprs=meta)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        print(fn.__name__, dtype, len(kernel.asm["cubin"]), "mma" in kernel.asm["ptx"])
 """
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the tests above compile the kernels for it")
+def test_kernels_compile_for_an_sm90_gpu():
+    """Triton's real compiler (not the interpreter, which accepts some code the compiler rejects: a
+    process without TRITON_INTERPRET) turns both kernels into H100/H200 (sm_90) cubins without a
+    GPU, with tensor-core instructions (mma) for the bfloat16 and TF32 products."""
+    pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True
     )
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split() for line in run.stdout.splitlines()]
+    assert len(lines) == 4, run.stdout
+    for name, dtype, size, mma in lines:
+        assert int(size) > 0 and mma == "True", (name, dtype)
