@@ -35,7 +35,8 @@ AMP on. Trailing KEY VALUE pairs override every config (the CPU test shrinks the
   weights wherever they share a parameter), warm up (``--warmup`` steps each; Triton's autotuning
   and cuDNN's handles stay out), then run ``--iters`` rounds, one step of each model per round in
   rotating order, so that load on a shared machine hits all of them. Each row's ratio is the median
-  of its per-round ratios to its twin; times are medians; every per-round time is in the JSON.
+  of its per-round ratios to its twin; times are medians; every per-round time is in the JSON,
+  which is rewritten after each group of models (a run stopped later keeps the rows it measured).
 - **Peak memory**, in GB of 2^30 bytes (MMDetection's "Mem (GB)" is ``max_memory_allocated`` in
   MiB / 1024): ``inprocess`` (the default on CUDA): ``torch.cuda.max_memory_allocated`` during
   the model's step, minus what was allocated when it started, plus the model's own resident
@@ -547,6 +548,7 @@ def main(argv=None):
     for key, _, _, twin, also in rows:
         specs = groups.setdefault(twin, [twin])
         specs += [s for s in (*also, key) if s not in specs]
+    result = _header(args, memory)
     models, isolated = {}, {}
     for specs in groups.values():
         flags = ["--group-worker", ",".join(specs)] + (
@@ -556,13 +558,13 @@ def main(argv=None):
         if memory == "isolated":
             for s in specs:
                 isolated[s] = _worker(args, "--memory-worker", s)
-    result = _header(args, memory)
-    result["rows"] = [_row(*r, models, isolated) for r in rows]
-    result["models"] = models
+        # after each group, the rows measured so far: a run stopped later keeps them
+        result["rows"] = [_row(*r, models, isolated) for r in rows if r[0] in models]
+        result["models"] = models
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
     _print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
     return 0
 
 

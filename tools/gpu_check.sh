@@ -153,7 +153,7 @@ train_net() {  # train_net NAME CONFIG LIMIT: a short schedule + evaluation, the
 
 for s in $steps; do
   case $s in
-    models) need_d2 models && models seed models_seed 150 ;;
+    models) need_d2 models && models seed models_seed 180 ;;
     train_net) need_d2 train_net &&
       train_net train_net configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_shapes.yaml 80 ;;
     sanitizer)
