@@ -33,29 +33,24 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import detectron2.utils.comm as comm
-from detectron2.config import get_cfg
 from detectron2.engine import launch
 from detectron2.layers import nonzero_tuple
-from detectron2.modeling import build_model
 from detectron2.modeling.proposal_generator import proposal_utils, rpn
 from detectron2.modeling.roi_heads import roi_heads
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from projects_dcnv2 import add_dcnv2_config
 from projects_dcnv2.modeling import mimic
 
-CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "configs/quick_schedules/faster_rcnn_R50_FPN_mdpool_shapes.yaml",
-)
+from builders import SMALL, make_model
+
+CONFIG = "quick_schedules/faster_rcnn_R50_FPN_mdpool_shapes.yaml"
 OPTS = [
+    *SMALL,
     # the mdpool quick config (GroupNorm) plus the 13 DCNv2 blocks of the mdconv one
     "MODEL.BACKBONE.NAME", "build_dcnv2_resnet_fpn_backbone",
     "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, True, True, True]",
     "MODEL.RESNETS.DEFORM_MODULATED", "True",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
 ]  # fmt: skip
 MIMIC_OPTS = [
     "MODEL.META_ARCHITECTURE", "MimicRCNN",
@@ -107,13 +102,7 @@ PATCHES = [
 
 def _build(extra_opts):
     """The model in float64; the same initial weights in every process."""
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(OPTS + extra_opts)
-    torch.manual_seed(0)
-    model = build_model(cfg).double()
-    return model.train()
+    return make_model(CONFIG, *OPTS, *extra_opts)[1].double().train()
 
 
 def _images():
