@@ -138,6 +138,8 @@ _CONFIGS = [
         (128, 64, 16, 4, 3),
         (32, 64, 32, 4, 2),
         (16, 64, 16, 2, 2),
+        (256, 64, 32, 8, 2),
+        (256, 32, 32, 8, 3),
     ]
 ]
 _mdconv_forward_tuned = triton.autotune(_CONFIGS, key=["cg", "og", "cd", "KH", "KW"])(
