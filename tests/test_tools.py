@@ -16,17 +16,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from detectron2.config import get_cfg
-from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 
-from projects_dcnv2 import add_dcnv2_config, analysis
+from projects_dcnv2 import analysis
 from projects_dcnv2.layers import deform_roi_pool, modulated_deform_conv2d
 from projects_dcnv2.modeling.poolers import MDPoolROIPooler
 
-REPO = Path(__file__).resolve().parents[1]
-QUICK = REPO / "configs" / "quick_schedules"
-SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "5"]
+from builders import NARROW, QUICK, REPO, SMALL, make_model
 
 
 def _load_tool(name):
@@ -215,12 +211,7 @@ def test_field_layout_and_layer_selection():
 
 
 def _checkpoint(tmp_path_factory, config, opts=()):
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(str(QUICK / config))
-    cfg.merge_from_list(list(opts))
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    _, model = make_model(QUICK / config, *opts)
     path = tmp_path_factory.mktemp("weights") / f"{Path(config).stem}.pth"
     torch.save({"model": model.state_dict()}, path)
     return str(path)
@@ -258,10 +249,7 @@ def test_visualize_sampling_mdconv_model(tmp_path_factory, tmp_path, image_path)
 
 
 def test_visualize_sampling_captures_every_deformable_block(tmp_path_factory, image_path):
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(str(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml"))
-    model = build_model(cfg).eval()
+    model = make_model(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml")[1].eval()
     image = torch.as_tensor(np.asarray(Image.open(image_path)).transpose(2, 0, 1).copy())
     with torch.no_grad(), analysis.capture_deform_fields(model) as fields:
         model.inference([{"image": image}], do_postprocess=False)
@@ -335,25 +323,15 @@ def test_plot_training_curves(tmp_path):
 def tiny_training_run(tmp_path_factory):
     """A 4-iteration train_net run (mdconv Faster R-CNN, 1 image of 64 px per batch) without
     evaluation; 4 iterations so that the ETA is measured (the first 3 are timer warm-up)."""
-    datasets = tmp_path_factory.mktemp("datasets")
-    out = tmp_path_factory.mktemp("train")
-    # One OpenMP thread: on a shared 2-core machine more threads only oversubscribe the cores.
-    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="1")
-    args = [
-        "--config-file", str(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml"),
-        "MODEL.MASK_ON", "False", "SOLVER.IMS_PER_BATCH", "1", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "2",
-        "SOLVER.CHECKPOINT_PERIOD", "100", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "train_net.py", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    from test_train_net import run_train_net
+
+    datasets, out = tmp_path_factory.mktemp("datasets"), tmp_path_factory.mktemp("train")
+    rc, log = run_train_net(
+        datasets, *SMALL, "MODEL.MASK_ON", "False", "SOLVER.IMS_PER_BATCH", "1",
+        "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TEST", "()",
+        "OUTPUT_DIR", str(out), config=str(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml"),
+    )  # fmt: skip
+    assert rc == 0, log[-5000:]
     return out
 
 
@@ -420,16 +398,13 @@ def test_benchmark_model_proposals_around_objects_overlap_them():
 def test_benchmark_model_trains_and_infers_a_pair(tmp_path):
     """The FP16 seed row and its twin, one round of each mode at 64 x 96 (the bfloat16 autocast
     step on CPU), memory from a process per config: the JSON's ratios are the round's."""
-    from builders import NARROW
-    from builders import SMALL as TINY_RUN
-
     out = tmp_path / "bench.json"
     row_key, twin = "mask_rcnn_R50_FPN_mdconv_fp16", "mask_rcnn_R50_FPN+amp"
     proc = subprocess.run(
         [
             sys.executable, "tools/benchmark_model.py", "--device", "cpu", "--rows", row_key,
             "--size", "64x96", "--objects", "2", "--warmup", "0", "--iters", "1",
-            "--json", str(out), *TINY_RUN, *NARROW,
+            "--json", str(out), *SMALL, *NARROW,
         ],
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
         timeout=600,
