@@ -166,6 +166,20 @@ def test_tf32_flag_reaches_both_kernels(device, allow_tf32, monkeypatch):
     assert seen == ["tf32" if allow_tf32 else "ieee"] * 2
 
 
+def test_autotuning_skips_tiles_wider_than_the_channels():
+    """Tiny channel counts tune nothing (one config); the wide case's 20 / 40 / 18 channels keep the
+    tiles of at most 32 channels; ResNet widths keep every config."""
+    from projects_dcnv2.triton_kernels import mdconv_backward as mb
+
+    for tuned in (mb._grad_input_offset_mask_tuned, mb._grad_weight_tuned):
+        prune = tuned.early_config_prune
+        assert len(prune(tuned.configs, dict(cg=3, cd=2, og=2))) == 1
+        kept = prune(tuned.configs, dict(cg=20, cd=40, og=18))
+        assert 1 < len(kept) < len(tuned.configs)
+        assert all(c.kwargs["BLOCK_C"] <= 32 and c.kwargs["BLOCK_O"] <= 32 for c in kept)
+        assert prune(tuned.configs, dict(cg=256, cd=256, og=512)) == tuned.configs
+
+
 _COMPILE_FOR_SM90 = """
 import triton
 import triton.language as tl

@@ -266,13 +266,38 @@ _WEIGHT_CONFIGS = _configs(
      (128, 64, 64, 8, 2), (32, 32, 32, 4, 2), (16, 32, 16, 2, 2)],
 )  # fmt: skip
 _KEY = ["cg", "og", "cd", "KH", "KW"]
-# reset_to_zero: the atomic accumulators start from zero again for every timed config
+
+
+def _fits(limits):
+    """An autotuner pruning rule: the configs whose tile sides (``limits``: tile name -> argument
+    names) stay within the smallest of those channel counts rounded up to a power of two (at least
+    16, ``tl.dot``'s smallest side); the smallest config if none does."""
+
+    def prune(configs, named_args, **kwargs):
+        caps = {
+            block: max(16, triton.next_power_of_2(min(named_args[a] for a in args)))
+            for block, args in limits.items()
+        }
+        kept = [c for c in configs if all(c.kwargs[b] <= cap for b, cap in caps.items())]
+        return kept or [min(configs, key=lambda c: sorted(c.kwargs.values()))]
+
+    return prune
+
+
+# The accumulators start from zero again for every timed config (reset_to_zero). Tiles wider than
+# the channels are not timed: they only leave lanes idle (and tiny test shapes tune nothing).
 _grad_input_offset_mask_tuned = triton.autotune(
-    _INPUT_CONFIGS, key=_KEY, reset_to_zero=["gin_ptr"]
+    _INPUT_CONFIGS,
+    key=_KEY,
+    reset_to_zero=["gin_ptr", "goff_ptr", "gmask_ptr"],
+    prune_configs_by={"early_config_prune": _fits({"BLOCK_C": ("cg", "cd"), "BLOCK_O": ("og",)})},
 )(_grad_input_offset_mask_kernel)
-_grad_weight_tuned = triton.autotune(_WEIGHT_CONFIGS, key=_KEY, reset_to_zero=["gw_ptr"])(
-    _grad_weight_kernel
-)
+_grad_weight_tuned = triton.autotune(
+    _WEIGHT_CONFIGS,
+    key=_KEY,
+    reset_to_zero=["gw_ptr"],
+    prune_configs_by={"early_config_prune": _fits({"BLOCK_C": ("cg",), "BLOCK_O": ("og",)})},
+)(_grad_weight_kernel)
 INTERPRETED: bool = not isinstance(_grad_weight_kernel, triton.runtime.JITFunction)
 """Whether the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was
 imported): then they take CPU tensors, with the fixed tiles of ``INTERPRETER_BLOCKS``."""
