@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -150,7 +149,9 @@ def test_import_registers_the_detectron2_components():
 # editable install with pip 23.2.1, setuptools 84 and no wheel.
 # Each case is a fresh venv that sees the torch of the interpreter running the tests through a
 # .pth file (the way `--system-site-packages` would show a system-wide torch), installs with
-# --no-build-isolation and imports the result from outside the source tree. The extension is
+# --no-build-isolation and imports the result from outside the source tree. The .pth names a view
+# of the outer site-packages without the packages under test (pip, setuptools, wheel and this
+# project), so that a case sees only its own, whatever the outer environment has installed. The extension is
 # built CPU-only (DCNV2_WITH_CUDA=0) to keep CI's time.
 PIP_MATRIX = [
     ("23.2.1", "80.9.0", True, (False, True)),
@@ -194,13 +195,34 @@ def source_copy(tmp_path_factory):
     return _copy_tree(tmp_path_factory.mktemp("source"))
 
 
+UNDER_TEST = {"pip", "setuptools", "pkg_resources", "_distutils_hack", "wheel", "projects_dcnv2"}
+
+
+def _outer_site_view(view: Path) -> Path:
+    """Links to everything in the site-packages folders this interpreter imports from (its own, a
+    system-wide or user one, one named by a .pth file), but the packages under test."""
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    sites = [Path(p) for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    for site in filter(Path.is_dir, sites):
+        for entry in site.iterdir():
+            name = entry.name.split("-")[0].split(".")[0].lower()
+            if (
+                name not in UNDER_TEST
+                and entry.suffix != ".pth"
+                and not (view / entry.name).exists()
+            ):
+                (view / entry.name).symlink_to(entry)
+    return view
+
+
 def _venv(path: Path, pip: str, setuptools: str, wheel: bool) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     python = path / "bin" / "python"
     site = run_python("import sysconfig; print(sysconfig.get_paths()['purelib'])", python=python)
-    # After the venv's own site-packages, so its pip / setuptools / wheel come first.
-    Path(site.strip(), "zz_reuse_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    outer = _outer_site_view(path.parent / f"{path.name}-outer-site")
+    Path(site.strip(), "zz_reuse_torch.pth").write_text(f"{outer}\n")
     tools = [f"pip=={pip}", f"setuptools=={setuptools}"] + (["wheel"] if wheel else [])
     # The outer pip installs the venv's build tools (the new venv has no pip of its own yet).
     res = subprocess.run(
@@ -221,8 +243,6 @@ def _venv(path: Path, pip: str, setuptools: str, wheel: bool) -> Path:
         pytest.skip(
             f"could not fetch {' '.join(tools)} from the package index: {res.stderr[-300:]}"
         )
-    if not wheel:
-        subprocess.run([python, "-m", "pip", "uninstall", "-y", "wheel"], capture_output=True)
     return python
 
 
