@@ -16,14 +16,14 @@ no bias; grad_weight's reduction in uneven parts (3 pixel tiles in the interpret
 determinism alert is test_triton_mdconv.py's.
 """
 
-import math
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
-from test_cuda_path import CONV_CASES, assert_within, conv_case_data, conv_reference
+from test_cuda_path import CONV_CASES, assert_within, conv_case_data, conv_inputs, conv_reference
 from test_triton_mdconv import DEVICES, HAS_CUDA, _bound_dtype
 
 import projects_dcnv2.layers  # noqa: F401  (registers torch.ops.dcnv2)
@@ -51,26 +51,22 @@ WITH_BIAS = {"awkward": True, "outside": False, "wide": True, "single": True, "b
 
 
 def _case_inputs(case, dtype):
-    """As test_cuda_path.conv_inputs: float64 tensors exactly representable in ``dtype``."""
-    n, cin, cout, (H, W), (kh, kw), s, p, d, groups, dg, mode = CASES[case]
-    Ho = (H + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1
-    Wo = (W + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1
-    K = kh * kw
-    g = torch.Generator().manual_seed(sum(map(ord, case)))
-    x = torch.randn(n, cin, H, W, generator=g)
-    offset = torch.randn(n, 2 * dg * K, Ho, Wo, generator=g) * 1.5
-    if mode == "outside":
+    """test_cuda_path.conv_inputs of the case (its offsets inside); "outside" then moves image 0's
+    offsets far outside (x 20) and sets +-1e4 and two NaN among image 1's. float64 tensors exactly
+    representable in ``dtype``."""
+    spec = CASES[case]
+    with mock.patch.dict(CONV_CASES, {case: (*spec[:-1], "inside")}):
+        ts, params = conv_inputs(case, dtype)
+    if spec[-1] == "outside":
+        K = spec[4][0] * spec[4][1]
+        offset = ts[1].clone()
         offset[0] *= 20.0
         offset[1].view(-1)[::7] = 1e4
         offset[1].view(-1)[3::11] = -1e4
         offset[1, 2 * (1 * K + 2), 1, 2] = float("nan")  # dy of group 1, tap 2
         offset[1, 2 * (2 * K + 5) + 1, 2, 0] = float("nan")  # dx of group 2, tap 5
-    mask = torch.rand(n, dg * K, Ho, Wo, generator=g)
-    weight = torch.randn(cout, cin // groups, kh, kw, generator=g) / math.sqrt(cin // groups * K)
-    bias = torch.randn(cout, generator=g)
-    grad = torch.randn(n, cout, Ho, Wo, generator=g)
-    ts = [t.to(dtype).double() for t in (x, offset, mask, weight, bias, grad)]
-    return ts, (*s, *p, *d, groups, dg)
+        ts[1] = offset.to(dtype).double()
+    return ts, params
 
 
 _cache = {}
