@@ -116,11 +116,18 @@ def _grad_input_offset_mask_kernel(
         m = tl.load(mask_pix + dk * ms_c, mask=p_in, other=0.0).to(tl.float32)
         y, x = tap_position(ho, wo, i, j, dy, dx, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
         y0, x0, ly, lx, inside, nan = dcn_cell(y, x, H, W)
-        cell = (y0, x0, ly, lx, inside, nan, m, p_in, H, W, xs_h, xs_w, is_h, is_w)
-        xa, ia, va, sa, wma, wa, wya, wxa = _tap_corner(*cell, 0, 0)
-        xb, ib, vb, sb, wmb, wb, wyb, wxb = _tap_corner(*cell, 0, 1)
-        xc, ic, vc, sc, wmc, wc, wyc, wxc = _tap_corner(*cell, 1, 0)
-        xd, jd, vd, sd, wmd, wd, wyd, wxd = _tap_corner(*cell, 1, 1)
+        xa, ia, va, sa, wma, wa, wya, wxa = _tap_corner(
+            y0, x0, ly, lx, inside, nan, m, p_in, H, W, xs_h, xs_w, is_h, is_w, 0, 0
+        )
+        xb, ib, vb, sb, wmb, wb, wyb, wxb = _tap_corner(
+            y0, x0, ly, lx, inside, nan, m, p_in, H, W, xs_h, xs_w, is_h, is_w, 0, 1
+        )
+        xc, ic, vc, sc, wmc, wc, wyc, wxc = _tap_corner(
+            y0, x0, ly, lx, inside, nan, m, p_in, H, W, xs_h, xs_w, is_h, is_w, 1, 0
+        )
+        xd, jd, vd, sd, wmd, wd, wyd, wxd = _tap_corner(
+            y0, x0, ly, lx, inside, nan, m, p_in, H, W, xs_h, xs_w, is_h, is_w, 1, 1
+        )
         # per corner: the sum over the group's channels of gcol x the corner's value
         da = tl.zeros([BLOCK_P], tl.float32)
         db = tl.zeros([BLOCK_P], tl.float32)
@@ -149,11 +156,18 @@ def _grad_input_offset_mask_kernel(
                     gcol = tl.dot(
                         a.to(DOT_DTYPE), wt.to(DOT_DTYPE), gcol, input_precision=DOT_PRECISION
                     )
-                tile = (x_img, gin_img, c, c_in, xs_c, is_c, gcol)
-                da += _gather_scatter(*tile, xa, ia, va, sa, wma)
-                db += _gather_scatter(*tile, xb, ib, vb, sb, wmb)
-                dc += _gather_scatter(*tile, xc, ic, vc, sc, wmc)
-                dd += _gather_scatter(*tile, xd, jd, vd, sd, wmd)
+                da += _gather_scatter(
+                    x_img, gin_img, c, c_in, xs_c, is_c, gcol, xa, ia, va, sa, wma
+                )
+                db += _gather_scatter(
+                    x_img, gin_img, c, c_in, xs_c, is_c, gcol, xb, ib, vb, sb, wmb
+                )
+                dc += _gather_scatter(
+                    x_img, gin_img, c, c_in, xs_c, is_c, gcol, xc, ic, vc, sc, wmc
+                )
+                dd += _gather_scatter(
+                    x_img, gin_img, c, c_in, xs_c, is_c, gcol, xd, jd, vd, sd, wmd
+                )
         gm = wa * da + wb * db + wc * dc + wd * dd
         gy = (wya * da + wyb * db + wyc * dc + wyd * dd) * m
         gx = (wxa * da + wxb * db + wxc * dc + wxd * dd) * m
