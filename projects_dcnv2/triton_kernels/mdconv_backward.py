@@ -321,27 +321,25 @@ INTERPRETER_BLOCKS = {"BLOCK_P": 32, "BLOCK_C": 16, "BLOCK_O": 16}
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def _weight_split(tiles, programs, device):
-    """Parts of grad_weight's N * P reduction: about four programs per streaming multiprocessor on
-    CUDA; in the interpreter two, so that the tests' atomics add up parts (of unequal length for an
-    odd number of tiles); never more parts than pixel tiles."""
-    if device.type != "cuda":
-        return max(1, min(tiles, 2))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, triton.cdiv(4 * sms, max(programs, 1))))
+# Programs each kernel aims for per streaming multiprocessor when it splits work to fill the GPU.
+_PROGRAMS_PER_SM = 4
 
 
-def _channel_parts(cd, block_c, tiles, device):
+def _weight_split(tiles, programs, sms):
+    """Parts of grad_weight's N * P reduction: about ``_PROGRAMS_PER_SM`` programs per streaming
+    multiprocessor (``sms``; None in the interpreter: two parts, so that the tests' atomics add up
+    parts, of unequal length for an odd number of tiles); never more parts than pixel tiles."""
+    want = 2 if sms is None else triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
+    return max(1, min(tiles, want))
+
+
+def _channel_parts(cd, block_c, tiles, sms):
     """Parts a deformable group's channels are split into across programs of the input/offset/mask
-    kernel (each part whole BLOCK_C chunks, none empty): on CUDA enough for about four programs per
-    streaming multiprocessor when the (pixel tile, image, group) programs alone are fewer; in the
-    interpreter two, so that the tests add parts."""
+    kernel (each part whole BLOCK_C chunks, none empty): enough for about ``_PROGRAMS_PER_SM``
+    programs per streaming multiprocessor when the (pixel tile, image, group) programs alone are
+    fewer; two in the interpreter (``sms`` None), so that the tests add parts."""
     chunks = triton.cdiv(cd, block_c)
-    if device.type != "cuda":
-        want = 2
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(4 * sms, max(tiles, 1))
+    want = 2 if sms is None else triton.cdiv(_PROGRAMS_PER_SM * sms, max(tiles, 1))
     parts = max(1, min(chunks, want))
     span = triton.cdiv(chunks, parts) * block_c  # whole chunks per part, as the kernel computes
     return triton.cdiv(cd, span)
@@ -411,16 +409,23 @@ def mdconv_backward(
             *gw.stride(),
         )  # fmt: skip
 
+        # the grids are plain integer arithmetic of the tile sizes (evaluated per autotuned config)
+        sms = (
+            None
+            if INTERPRETED
+            else torch.cuda.get_device_properties(input.device).multi_processor_count
+        )
+
         def grid_input(blocks):
             tiles = triton.cdiv(P, blocks["BLOCK_P"]) * N * dg
-            parts = _channel_parts(cd, blocks["BLOCK_C"], tiles, input.device)
+            parts = _channel_parts(cd, blocks["BLOCK_C"], tiles, sms)
             return triton.cdiv(P, blocks["BLOCK_P"]), N * dg, parts
 
         def grid_weight(blocks):
             rows = groups * triton.cdiv(og, blocks["BLOCK_O"])
             cols = kh * kw * triton.cdiv(cg, blocks["BLOCK_C"])
             tiles = N * triton.cdiv(P, blocks["BLOCK_P"])
-            parts = split if split is not None else _weight_split(tiles, rows * cols, input.device)
+            parts = split if split is not None else _weight_split(tiles, rows * cols, sms)
             return rows, cols, parts
 
         col_dtype = _TL_DTYPES[dtype]
