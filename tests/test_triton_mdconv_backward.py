@@ -12,8 +12,9 @@ Every feature of the kernels is in a case: kernel (3, 2), stride (2, 1), dilatio
 deformable groups 3 (a deformable group straddling two conv groups, a channel tile meeting two
 deformable groups); N = 0, 1, 2, 3; partial pixel tiles; several output-channel and channel
 chunks and channel parts; offsets inside, far outside, 1e4 and NaN; non-contiguous inputs; bias and
-no bias; grad_weight's reduction in uneven parts (3 pixel tiles in the interpreter's 2 parts). The
-determinism alert is test_triton_mdconv.py's.
+no bias; grad_weight's reduction in uneven parts (3 pixel tiles in the interpreter's 2 parts). Also
+opcheck, the TF32 flag, autotuning's pruning and a compile for sm_90. The determinism alert is
+test_triton_mdconv.py's.
 """
 
 import os
@@ -142,6 +143,15 @@ def test_batch_zero(device):
     got = run_backward("batch0", torch.float32, device)
     for name, g, t in zip(NAMES, got, ts[:5]):
         assert g.shape == t.shape and torch.count_nonzero(g) == 0, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_private_backward_opcheck(device):
+    """Schema, fake tensors (the triton_op's own function, launches skipped) and AOT dispatch."""
+    ts, params = case_data("single", torch.float32)[:2]
+    x, offset, mask, weight, bias, grad = (t.to(device, torch.float32) for t in ts)
+    args = (grad, x, offset, mask, weight, bias, *params)
+    torch.library.opcheck(OPS._triton_modulated_deform_conv2d_backward.default, args)
 
 
 @pytest.mark.parametrize("allow_tf32", [True, False], ids=["tf32_on", "tf32_off"])
