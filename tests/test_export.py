@@ -5,7 +5,6 @@ import importlib.util
 import io
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,17 +17,7 @@ from projects_dcnv2.layers import DeformRoIPool, ModulatedDeformConv2d, Modulate
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (requirements.txt)")
 import onnx  # noqa: E402  (after the skip: both come from requirements.txt)
 
-REPO = Path(__file__).resolve().parents[1]
-QUICK = REPO / "configs" / "quick_schedules"
-# Small test images and every detection kept, so the whole-model comparison has detections.
-SMALL = [
-    "INPUT.MIN_SIZE_TEST",
-    "64",
-    "INPUT.MAX_SIZE_TEST",
-    "64",
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-    "0.0",
-]
+from builders import QUICK, REPO, SMALL  # noqa: E402  (SMALL keeps every detection: something to compare)
 
 
 def _session(model_proto):
@@ -316,18 +305,11 @@ def test_tool_mdpool_exports_the_backbone_and_refuses_the_whole_model(tool, samp
 
 # ----------------------------------------------------------------------------------------------
 # torch.export (.pt2) and AOTInductor: a small mdconv ResNet-18-FPN backbone
-TINY = [
-    "MODEL.RESNETS.DEPTH",
-    "18",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    "32",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS",
-    "32",
-    "MODEL.FPN.OUT_CHANNELS",
-    "32",
-    "MODEL.RESNETS.DEFORM_NUM_GROUPS",
-    "2",
-]
+R18 = [
+    *SMALL, "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "32",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "32", "MODEL.FPN.OUT_CHANNELS", "32",
+    "MODEL.RESNETS.DEFORM_NUM_GROUPS", "2",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +318,7 @@ def tiny_backbone(tool):
     from projects_dcnv2.engine import build_inference_model
 
     torch.manual_seed(0)
-    cfg = load_dcnv2_config(str(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml"), TINY)
+    cfg = load_dcnv2_config(str(QUICK / "mask_rcnn_R50_FPN_mdconv_shapes.yaml"), R18)
     model = build_inference_model(cfg)
     for name, param in model.backbone.named_parameters():
         if "offset" in name:
