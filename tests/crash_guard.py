@@ -1,16 +1,12 @@
-"""Process isolation for tests whose subject may kill the interpreter (a segfault or an abort in a
-kernel) or hang: each call runs in a persistent child process; a death or a timeout becomes an
-AssertionError naming the call, and the next call gets a fresh child.
+"""Process isolation for tests whose subject may kill the interpreter (a segfault, an abort) or
+hang: ``CrashGuard("module:function").run(spec)`` calls ``function(spec)`` in a persistent child
+process and returns its answer; a death or a timeout becomes an AssertionError naming the spec (and
+``rerun``, a command to rerun it in-process), and the next call gets a fresh child.
 
-    guard = CrashGuard("test_fuzz_ops:_run_example", rerun="python tests/test_fuzz_ops.py --run '{spec}'")
-    failure = guard.run(spec)  # what _run_example(spec) returned, e.g. None or an error message
-    guard.close()
-
-The target is ``module:function``, imported by the child from this folder or the parent's
-``sys.path`` (so both see the same package). Specs and answers travel as length-prefixed pickles
-over the child's stdin and stdout; anything the child prints goes to its stderr, whose tail the
-failure message quotes. A spec ``{"crash_guard": "segfault" | "hang" | "fail" | "pass"}`` is
-answered by the guard itself, so that a test can check the guard in front of its real target.
+The child imports the target from this folder and the parent's ``sys.path`` (so both see the same
+package); specs and answers are length-prefixed pickles on its stdin and stdout, its own output goes
+to stderr, whose tail a failure quotes. ``{"crash_guard": "segfault" | "hang" | "fail" | "pass"}``
+is answered by the guard itself, so that a test can check the guard in front of its real target.
 """
 
 import importlib

@@ -129,16 +129,18 @@ def run_op(case: Case, x, rois, off):
 
 
 def run_ref(case: Case, x, rois, off, offset_grad=OFFSET_GRAD):
-    return deform_roi_pool_ref(
-        x,
-        rois,
-        off,
-        case.output_size,
-        case.spatial_scale,
-        case.sampling_ratio,
-        case.gamma,
-        offset_grad,
+    args = (case.output_size, case.spatial_scale, case.sampling_ratio, case.gamma, offset_grad)
+    return deform_roi_pool_ref(x, rois, off, *args)
+
+
+def assert_grads_same(out, expected, inputs, names, atol, rtol):
+    """d out / d inputs equals d expected / d inputs, for one random output gradient."""
+    g = torch.randn_like(out)
+    grads = zip(
+        names, torch.autograd.grad(out, inputs, g), torch.autograd.grad(expected, inputs, g)
     )
+    for name, a, b in grads:
+        assert_same(a, b, atol, rtol, f"grad {name}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -175,13 +177,7 @@ def test_inverted_rois_match_reference(sampling_ratio):
     assert_same(out, expected, 1e-10, 1e-8, "output")
     if sampling_ratio == 0:
         assert torch.count_nonzero(out[:3]) == 0
-    g = torch.randn_like(out)
-    for name, a, b in zip(
-        ["input", "offset"],
-        torch.autograd.grad(out, (x, off), g),
-        torch.autograd.grad(expected, (x, off), g),
-    ):
-        assert_same(a, b, 1e-10, 1e-8, f"grad {name}")
+    assert_grads_same(out, expected, (x, off), ["input", "offset"], 1e-10, 1e-8)
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=lambda c: c.id)
@@ -206,13 +202,7 @@ def test_many_rois_two_threads_match_reference():
     out = run_op(case, x, rois, off)
     expected = run_ref(case, x, rois, off)
     assert_same(out, expected, 1e-10, 1e-8, "output")
-    g = torch.randn_like(expected)
-    for name, a, b in zip(
-        ["input", "offset"],
-        torch.autograd.grad(out, (x, off), g),
-        torch.autograd.grad(expected, (x, off), g),
-    ):
-        assert_same(a, b, 1e-10, 1e-8, f"grad {name}")
+    assert_grads_same(out, expected, (x, off), ["input", "offset"], 1e-10, 1e-8)
 
 
 def test_no_grad_for_rois():
@@ -343,12 +333,8 @@ def test_non_contiguous_inputs():
     off_nc = off.transpose(2, 3).contiguous().transpose(2, 3)
     for t in (x_nc, rois_nc, off_nc):
         assert not t.is_contiguous()
-    (
-        x.requires_grad_(True),
-        off.requires_grad_(True),
-        x_nc.requires_grad_(True),
-        off_nc.requires_grad_(True),
-    )
+    for t in (x, off, x_nc, off_nc):
+        t.requires_grad_(True)
     out = run_op(case, x, rois, off)
     out_nc = run_op(case, x_nc, rois_nc, off_nc)
     assert_same(out_nc, out, 1e-12, 1e-12, "output")
@@ -547,13 +533,8 @@ def test_pack_forward_two_pass(modulated):
     out = pack(x, rois)
     expected = _two_pass_reference(pack, x, rois, P, scale, sr, gamma, modulated)
     assert_same(out, expected, 1e-10, 1e-8, "output")
-    g = torch.randn_like(out)
-    params = [x] + list(pack.parameters())
     names = ["input"] + [n for n, _ in pack.named_parameters()]
-    for name, a, b in zip(
-        names, torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)
-    ):
-        assert_same(a, b, 1e-9, 1e-7, f"grad {name}")
+    assert_grads_same(out, expected, [x, *pack.parameters()], names, 1e-9, 1e-7)
 
 
 def test_compile_fullgraph_modulated_pack_matches_eager():

@@ -97,17 +97,9 @@ def conv_kwargs(case: Case):
     return dict(stride=case.stride, padding=case.padding, dilation=case.dilation)
 
 
-def run_op(t, case: Case):
-    return modulated_deform_conv2d(
-        t["input"],
-        t["offset"],
-        t["mask"],
-        t["weight"],
-        t["bias"],
-        groups=case.groups,
-        deformable_groups=case.dg,
-        **conv_kwargs(case),
-    )
+def run_op(t, case: Case, op=modulated_deform_conv2d):
+    tensors = (t["input"], t["offset"], t["mask"], t["weight"], t["bias"])
+    return op(*tensors, groups=case.groups, deformable_groups=case.dg, **conv_kwargs(case))
 
 
 def run_tv(t, case: Case):
@@ -117,16 +109,7 @@ def run_tv(t, case: Case):
 
 
 def run_ref(t, case: Case):
-    return mdconv2d_ref(
-        t["input"],
-        t["offset"],
-        t["mask"],
-        t["weight"],
-        t["bias"],
-        groups=case.groups,
-        deformable_groups=case.dg,
-        **conv_kwargs(case),
-    )
+    return run_op(t, case, mdconv2d_ref)
 
 
 def grads(out, t, grad_out):
@@ -224,16 +207,7 @@ def test_nan_feature_map_propagates():
 def test_mask_none_means_ones():
     case = CASES[1]
     t = make_inputs(case, requires_grad=False)
-    out_none = modulated_deform_conv2d(
-        t["input"],
-        t["offset"],
-        None,
-        t["weight"],
-        t["bias"],
-        groups=case.groups,
-        deformable_groups=case.dg,
-        **conv_kwargs(case),
-    )
+    out_none = run_op(dict(t, mask=None), case)
     t["mask"] = torch.ones_like(t["mask"])
     assert_same(out_none, run_op(t, case), 1e-12, 1e-12, "output")
 
