@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command GPU check: installs the carried detectron2 wheels if detectron2 does not import,
-# builds the extension in place for the visible card, then runs the steps below, most valuable
-# first, each under a time limit and all within one budget (GPU_CHECK_BUDGET seconds, default 540,
+# builds the extension in place for the visible card, then runs the steps below, each under a time
+# limit and all within one budget (GPU_CHECK_BUDGET seconds, default 560,
 # so that the run fits one 10-minute device call with its start), writing each step's log and JSON
 # under OUTDIR as it finishes. With PACKDIR, after every step summary.txt, machine.txt, the model
 # benchmark JSON and OUTDIR packed as gpu_check.tar.gz are copied there (4 files), so a run cut
@@ -10,7 +10,10 @@
 #   tools/gpu_check.sh OUTDIR [PACKDIR]      # e.g. tools/gpu_check.sh /tmp/gpu_check "$OUT"
 #   tools/gpu_check.sh --plan                # print the steps and their limits; run nothing
 #
-# Steps (GPU_CHECK_STEPS selects and orders them; the limit of each is capped by what is left):
+# Steps (GPU_CHECK_STEPS selects and orders them; the limit of each is capped by what is left). By
+# default the correctness checks (triton ... fuzz) run first, concurrently (a word with commas is
+# such a group); then the timing steps (models, bench_ops, ...) run alone, one after another. If
+# the Triton tests fail on the card, every later step runs with DCNV2_CUDA_IMPL=cuda.
 #   models      tools/benchmark_model.py, training + inference, the seed's five rows and twins
 #   train_net   train_net.py --num-gpus 1 on CUDA, quick shapes mdconv+mdpool config, a short
 #               schedule evaluated through COCOEvaluator, then --eval-only on its checkpoint
@@ -32,8 +35,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-budget=${GPU_CHECK_BUDGET:-540}
-steps=${GPU_CHECK_STEPS:-models train_net sanitizer mimic d2_tests triton op_tests fuzz bench_ops models_more models_impl}
+budget=${GPU_CHECK_BUDGET:-560}
+steps=${GPU_CHECK_STEPS:-triton,sanitizer,train_net,mimic,d2_tests,op_tests,fuzz models bench_ops models_more models_impl}
 plan=0
 if [ "${1:-}" = "--plan" ]; then
   plan=1
@@ -49,7 +52,7 @@ summary="$out/summary.txt"
 [ $plan = 1 ] || : >"$summary"
 
 packup() {
-  [ -n "$pack" ] || return 0
+  [ -n "$pack" ] && [ "${bg:-0}" = 0 ] || return 0
   mkdir -p "$pack"
   cp "$summary" "$out/machine.txt" "$pack/" 2>/dev/null
   cp "$out/models_seed.json" "$pack/" 2>/dev/null
@@ -88,7 +91,7 @@ need_d2() {
 }
 
 pytest_args=(-q -ra -p no:cacheprovider --durations=10)
-"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8) || xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4) || xdist=()
 
 # --------------------------------------------------------------------------------- environment
 if [ $plan = 0 ]; then
@@ -151,39 +154,40 @@ train_net() {  # train_net NAME CONFIG LIMIT: a short schedule + evaluation, the
       MODEL.WEIGHTS "$dir/model_final.pth"
 }
 
-for s in $steps; do
+run_one() {  # run_one STEP
+  local s=$1
   case $s in
-    models) need_d2 models && models seed models_seed 180 ;;
+    models) need_d2 models && models seed models_seed 150 ;;
     train_net) need_d2 train_net &&
-      train_net train_net configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_shapes.yaml 80 ;;
+      train_net train_net configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_shapes.yaml 100 ;;
     sanitizer)
       sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-      step sanitizer 90 env DCNV2_CUDA_IMPL=cuda "$sanitizer" --tool memcheck --error-exitcode 99 \
+      step sanitizer 150 env DCNV2_CUDA_IMPL=cuda "$sanitizer" --tool memcheck --error-exitcode 99 \
         "$PY" -m pytest tests/test_cuda_path.py "${pytest_args[@]}" -v -k \
         "(matches_cpu_float64 and cuda- and float32) or non_contiguous_inputs[cuda] or batch_zero_and_empty_image[cuda]"
       ;;
     mimic) need_d2 mimic &&
-      train_net mimic configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_mimic_shapes.yaml 80 ;;
-    d2_tests) need_d2 d2_tests && step d2_tests 60 "$PY" -m pytest tests/test_amp.py \
+      train_net mimic configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_mimic_shapes.yaml 100 ;;
+    d2_tests) need_d2 d2_tests && step d2_tests 90 "$PY" -m pytest tests/test_amp.py \
       "${pytest_args[@]}" "${xdist[@]}" ;;
-    triton) step triton 60 "$PY" -m pytest tests/test_triton_mdconv.py \
+    triton) step triton 120 "$PY" -m pytest tests/test_triton_mdconv.py \
       tests/test_triton_mdconv_backward.py "${pytest_args[@]}" "${xdist[@]}" -k "cuda or CUDA" ;;
-    op_tests) step op_tests 60 "$PY" -m pytest tests/test_cuda_path.py tests/test_determinism.py \
+    op_tests) step op_tests 90 "$PY" -m pytest tests/test_cuda_path.py tests/test_determinism.py \
       tests/test_op_errors.py "${pytest_args[@]}" "${xdist[@]}" ;;
-    fuzz) step fuzz 45 env DCNV2_FUZZ_EXAMPLES="${DCNV2_FUZZ_EXAMPLES:-60}" "$PY" -m pytest \
+    fuzz) step fuzz 90 env DCNV2_FUZZ_EXAMPLES="${DCNV2_FUZZ_EXAMPLES:-60}" "$PY" -m pytest \
       tests/test_fuzz_ops.py "${pytest_args[@]}" -k cuda ;;
     bench_ops)
       # --tf32 and --batch where benchmark_ops.py has them (it records the TF32 setting in the JSON)
       if "$PY" tools/benchmark_ops.py --help 2>/dev/null | grep -q -- --tf32; then
         for spec in "float16 off" "bfloat16 off" "float32 on" "float32 off"; do
           read -r dtype tf32 <<<"$spec"
-          step bench_ops 40 "$PY" tools/benchmark_ops.py --device cuda --dtype "$dtype" \
+          step bench_ops 50 "$PY" tools/benchmark_ops.py --device cuda --dtype "$dtype" \
             --tf32 "$tf32" --batch 1,2 --repeat "${GPU_CHECK_REPEAT:-20}" \
             --json "$out/bench_ops_${dtype}_tf32${tf32}.json"
         done
       else
         for dtype in float16 bfloat16 float32; do
-          step bench_ops 40 "$PY" tools/benchmark_ops.py --device cuda --dtype "$dtype" \
+          step bench_ops 50 "$PY" tools/benchmark_ops.py --device cuda --dtype "$dtype" \
             --repeat "${GPU_CHECK_REPEAT:-20}" --json "$out/bench_ops_$dtype.json"
         done
       fi
@@ -197,6 +201,36 @@ for s in $steps; do
       ;;
     *) echo "unknown step $s (GPU_CHECK_STEPS)" | tee -a "$summary" ;;
   esac
+}
+
+# A word with commas is a group run concurrently (the correctness checks: they share the card and
+# do not time anything); a plain word runs alone (the timing steps). When the Triton tests fail
+# on the card, the steps after them run the column path (DCNV2_CUDA_IMPL=cuda), so that a broken
+# fused kernel costs its own figures only.
+for word in $steps; do
+  if [[ $word == *,* ]]; then
+    pids=()
+    for s in ${word//,/ }; do
+      (
+        bg=1
+        run_one "$s"
+        rc=$?
+        [ $plan = 1 ] || echo $rc >"$out/.rc_$s"
+      ) &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    packup
+  else
+    run_one "$word"
+    rc=$?
+    [ $plan = 1 ] || echo $rc >"$out/.rc_$word"
+  fi
+  if [ $plan = 0 ] && [ -f "$out/.rc_triton" ] && [ "$(cat "$out/.rc_triton")" != 0 ] &&
+    [ -z "${DCNV2_CUDA_IMPL:-}" ]; then
+    export DCNV2_CUDA_IMPL=cuda
+    echo "triton tests failed: the remaining steps run DCNV2_CUDA_IMPL=cuda" | tee -a "$summary"
+  fi
 done
 [ $plan = 1 ] && { echo "budget ${budget}s; the limits above are capped by what is left of it"; exit 0; }
 echo "done in $(($(date +%s) - t0)) s: $out" | tee -a "$summary"
