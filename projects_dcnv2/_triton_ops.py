@@ -267,17 +267,20 @@ def cuda_impl(
     environ=None,
     triton_available=None,
     fused_backward=None,
+    fused_forward_default=None,
 ):
     """Which implementation runs a CUDA call of the public operator: ``("triton" | "cuda", why)``.
 
     ``DCNV2_CUDA_IMPL`` (in ``environ``, default ``os.environ``): ``auto`` (or unset) takes the
     fused kernels when Triton is importable, the call is one they take
-    (``triton_kernels.unsupported_reason``) and, for the backward (``grad_output`` given), the fused
-    backward exists and is the default (``FUSED_BACKWARD_DEFAULT``); the column path otherwise.
+    (``triton_kernels.unsupported_reason``) and the fused kernel is the default for that direction
+    (``FUSED_FORWARD_DEFAULT``; for the backward, ``grad_output`` given, the fused backward exists
+    and ``FUSED_BACKWARD_DEFAULT``); the column path otherwise. Both defaults are False today: the
+    column path was faster on the H200.
     ``triton`` forces the fused kernels (an error when they cannot take the call), ``cuda`` the
     column path; another value is a ValueError naming the variable. ``triton_available`` and
     ``fused_backward`` (None: whether the fused backward exists, whether it is the default) stand in
-    for the installation in tests.
+    for the installation in tests; ``fused_forward_default`` for ``FUSED_FORWARD_DEFAULT``.
     """
     environ = os.environ if environ is None else environ
     available = triton_kernels.AVAILABLE if triton_available is None else triton_available
@@ -307,6 +310,10 @@ def cuda_impl(
         return "cuda", reason
     if backward and not fused_backward[1]:
         return "cuda", "the column path is the default backward (FUSED_BACKWARD_DEFAULT)"
+    if fused_forward_default is None:
+        fused_forward_default = triton_kernels.FUSED_FORWARD_DEFAULT
+    if not backward and not fused_forward_default:
+        return "cuda", "the column path is the default forward (FUSED_FORWARD_DEFAULT)"
     return "triton", "supported"
 
 

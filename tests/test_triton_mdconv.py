@@ -248,19 +248,38 @@ def _meta_args(dtype=torch.float32, hw=(8, 8)):
     return x, offset, mask, weight
 
 
-def _choose(env, *, dtype=torch.float32, hw=(8, 8), triton=True, backward=None, fused=(True, True)):
+def _choose(
+    env,
+    *,
+    dtype=torch.float32,
+    hw=(8, 8),
+    triton=True,
+    backward=None,
+    fused=(True, True),
+    forward_default=True,
+):
     args = _meta_args(dtype, hw)
     grad = torch.empty(2, 6, *hw, device="meta", dtype=dtype) if backward else None
     environ = {} if env is None else {"DCNV2_CUDA_IMPL": env}
     return _triton_ops.cuda_impl(
-        *args, grad, environ=environ, triton_available=triton, fused_backward=fused
+        *args,
+        grad,
+        environ=environ,
+        triton_available=triton,
+        fused_backward=fused,
+        fused_forward_default=forward_default,
     )[0]
 
 
 def test_cuda_impl_choice():
-    # auto (or unset): the fused kernel when it takes the call
+    # the shipped default: the column path under auto (it was faster on the H200), fused when forced
+    assert not triton_kernels.FUSED_FORWARD_DEFAULT
+    assert _choose("auto", forward_default=None) == "cuda"
+    assert _choose("triton", forward_default=None) == "triton"
+    # auto (or unset), with the fused forward as default: the fused kernel when it takes the call
     for env in (None, "auto", "", " AUTO "):
         assert _choose(env) == "triton"
+        assert _choose(env, forward_default=False) == "cuda"
     for dtype in (torch.float16, torch.bfloat16):
         assert _choose("auto", dtype=dtype) == "triton"
     assert _choose("auto", dtype=torch.float64) == "cuda"
