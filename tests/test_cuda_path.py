@@ -266,11 +266,8 @@ def test_emulated_grid_stride_loops_cover_a_capped_grid(monkeypatch):
             assert_within(g, r, s, torch.float64, f"max {blocks} blocks, pool {name}")
 
 
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
-def test_conv_non_contiguous_inputs(backend):
-    be = BACKENDS[backend]()
-    ts, params, ref, scale = conv_case_data("basic", torch.float32)
-    x, offset, mask, weight, bias, grad = (t.to(be.device, torch.float32) for t in ts)
+def non_contiguous_views(x, offset, mask, weight):
+    """The same values in non-contiguous layouts (input channels-last, the others transposed)."""
     views = [
         x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),  # channels-last memory
         offset.transpose(2, 3).contiguous().transpose(2, 3),
@@ -278,6 +275,15 @@ def test_conv_non_contiguous_inputs(backend):
         weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1),
     ]
     assert not any(v.is_contiguous() for v in views)
+    return views
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_conv_non_contiguous_inputs(backend):
+    be = BACKENDS[backend]()
+    ts, params, ref, scale = conv_case_data("basic", torch.float32)
+    x, offset, mask, weight, bias, grad = (t.to(be.device, torch.float32) for t in ts)
+    views = non_contiguous_views(x, offset, mask, weight)
     out = be.conv(*views, bias, *params)
     grads = be.conv_backward(
         grad.transpose(2, 3).contiguous().transpose(2, 3), *views, bias, *params

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from test_cuda_path import assert_within, conv_case_data, conv_reference
+from test_cuda_path import assert_within, conv_case_data, conv_reference, non_contiguous_views
 
 import projects_dcnv2.layers  # noqa: F401  (registers torch.ops.dcnv2)
 from projects_dcnv2 import _triton_ops, triton_kernels
@@ -133,13 +133,7 @@ def test_forward_other_interpreter_tiles(blocks, monkeypatch):
 def test_forward_non_contiguous_inputs(device):
     ts, params, ref, scale = conv_case_data("awkward", torch.float32)
     x, offset, mask, weight, bias = (t.to(device, torch.float32) for t in ts[:5])
-    views = [
-        x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),  # channels-last memory
-        offset.transpose(2, 3).contiguous().transpose(2, 3),
-        mask.transpose(0, 1).contiguous().transpose(0, 1),
-        weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1),
-    ]
-    assert not any(v.is_contiguous() for v in views)
+    views = non_contiguous_views(x, offset, mask, weight)
     out = OPS._triton_modulated_deform_conv2d(*views, bias[::1], *params)
     assert_within(out, ref[0], scale[0], _bound_dtype(torch.float32, device), "non-contiguous")
 
