@@ -64,9 +64,8 @@ def alert_not_deterministic(caller: str) -> None:
 
 FUSED_FORWARD_DEFAULT = False
 """Whether the dispatcher sends the CUDA forward to the fused kernel by default (``cuda_impl`` under
-``DCNV2_CUDA_IMPL=auto``). False: on an NVIDIA H200 (2026-12-04, docs/gpu_runs/2026-12-04_h200.md)
-the fused forward ran 2.7-3.4x slower than the column path at ResNet-50's c3-c5 shapes in float16
-and 4.1x in float32 with TF32, while taking 0.3-4.5 MB of extra memory instead of 8-67 MB.
+``DCNV2_CUDA_IMPL=auto``). False: the fused forward was slower than the column path on an NVIDIA
+H200 (docs/gpu_runs/2026-12-04_h200.md), though it needs far less memory;
 ``DCNV2_CUDA_IMPL=triton`` selects it where memory matters more than time."""
 
 

@@ -41,8 +41,8 @@ from .common import dcn_cell, dcn_corner, tap_position
 __all__ = ["mdconv_backward", "FUSED_BACKWARD_DEFAULT", "INTERPRETED", "INTERPRETER_BLOCKS"]
 
 FUSED_BACKWARD_DEFAULT = False
-"""Whether the dispatcher sends the CUDA backward to these kernels by default (``cuda_impl``): False
-until a GPU run shows them faster than the column path (docs/fused_mdconv.md)."""
+"""Whether the dispatcher sends the CUDA backward to these kernels by default (``cuda_impl``): False,
+as they were slower than the column path on an NVIDIA H200 (docs/gpu_runs/2026-12-04_h200.md)."""
 
 
 # ------------------------------------------------------------------------------------------------
