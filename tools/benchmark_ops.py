@@ -432,8 +432,7 @@ def main_fused(args, dtype):
         "extra MB triton / cuda / tv",
         "first call s (triton)",
     )
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    _print_table_header(header)
     for batch in batches:
         for dg in (1, 4):
             for name in args.stages.split(","):
@@ -459,6 +458,11 @@ def main_fused(args, dtype):
                     with open(args.json, "w") as f:
                         json.dump(result, f, indent=1)
     return result
+
+
+def _print_table_header(header):
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
 
 
 def _fmt(value, spec, suffix=""):
@@ -576,8 +580,7 @@ def main():
         "ours/conv",
         "tv/ours",
     )
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    _print_table_header(header)
     for dg in (1, 4):
         for name in args.stages.split(","):
             r = bench_conv(name, *STAGES[name], dg, args.device, dtype, args.repeat, ort)
