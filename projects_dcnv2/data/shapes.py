@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 CLASSES = ("circle", "triangle", "square", "star")
 IMAGE_SIZE = 128
-SPLIT_SIZES = {"train": 600, "val": 100}
+SPLIT_SIZES = {"train": 600, "val": 500}
 _SPLIT_SEEDS = {"train": 0, "val": 1}
 _PREFIX = "dcnv2_shapes://"
 

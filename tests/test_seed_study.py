@@ -1,0 +1,176 @@
+"""tools/seed_study.py: its statistics against hand-computed numbers, the resume logic with a fake
+runner, the rendered page against the committed one, and the paired initialisation (key matching,
+loading, data order) on a narrow model."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from builders import NARROW, REPO, SMALL, make_model
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("seed_study", REPO / "tools" / "seed_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study_tool = load_tool()
+
+
+@pytest.mark.parametrize(
+    "p, df, expected",  # two-sided 95% (p = 0.975) and one 90% quantile, from printed t tables
+    [(0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 4, 2.776), (0.975, 10, 2.228),
+     (0.975, 30, 2.042), (0.95, 5, 2.015)],
+)  # fmt: skip
+def test_t_quantile_matches_printed_tables(p, df, expected):
+    assert study_tool.t_quantile(p, df) == pytest.approx(expected, abs=6e-4)
+
+
+def test_statistics_by_hand():
+    mean, std = study_tool.mean_std([1.0, 2.0, 3.0, 4.0])
+    assert (mean, std) == pytest.approx((2.5, (5 / 3) ** 0.5))  # squares 2.25+.25+.25+2.25 = 5
+    assert study_tool.mean_std([7.0]) == (7.0, None)
+    # seeds 0-2 shared, seed 3 only in `other`: differences 3, 2, 2; mean 7/3; sd sqrt(1/3);
+    # half-width t(0.975, 2) * sd / sqrt(3) = 4.303 / 3
+    d = study_tool.paired_difference(
+        {0: 50.0, 1: 52.0, 2: 47.0}, {0: 53.0, 1: 54.0, 2: 49.0, 3: 99.0}
+    )
+    assert d["n"] == 3
+    assert d["mean"] == pytest.approx(7 / 3)
+    assert d["half"] == pytest.approx(4.303 / 3, abs=2e-4)
+    assert d["lo"] == pytest.approx(7 / 3 - 4.303 / 3, abs=2e-4)
+    with pytest.raises(ValueError, match="share no seed"):
+        study_tool.paired_difference({0: 1.0}, {1: 2.0})
+    with pytest.raises(ValueError, match="expected 0.5 < p < 1, got p=0.2"):
+        study_tool.t_quantile(0.2, 3)
+
+
+def fake_record(config, seed):
+    return {
+        "config": config,
+        "seed": seed,
+        "box_ap": 50.0 + seed + (2.0 if config == "mdconv" else 0.0),
+        "mask_ap": 40.0,
+        "s_per_iter": 0.5,
+        "wall_s": 200.0,
+        "threads": 2,
+        "build": {"commit": "a" * 40, "csrc": "b" * 40, "cpu": "CPU", "cpu_flags": ["avx2"]},
+    }
+
+
+def test_an_interrupted_study_resumes_without_rerunning(tmp_path):
+    path = tmp_path / "study.json"
+    calls, prepared = [], []
+
+    def runner(config, seed):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the study is stopped during its fourth run
+        calls.append((config, seed))
+        return fake_record(config, seed)
+
+    def prepare(seed, study):
+        prepared.append(seed)
+
+    with pytest.raises(KeyboardInterrupt):
+        study_tool.run_study(path, ["plain", "mdconv"], [0, 1, 2], runner, prepare)
+    assert calls == [("plain", 0), ("mdconv", 0), ("plain", 1)]  # seed by seed, paired
+    assert len(json.loads(path.read_text())["runs"]) == 3
+    calls.clear(), prepared.clear()
+
+    def runner2(config, seed):
+        calls.append((config, seed))
+        return fake_record(config, seed)
+
+    study = study_tool.run_study(path, ["plain", "mdconv"], [0, 1, 2], runner2, prepare)
+    assert calls == [("mdconv", 1), ("plain", 2), ("mdconv", 2)]
+    assert prepared == [1, 2]  # seed 0 had nothing left to run
+    assert sorted((r["config"], r["seed"]) for r in study["runs"]) == [
+        (c, s) for c in ("mdconv", "plain") for s in (0, 1, 2)
+    ]
+    calls.clear()
+    study_tool.run_study(path, ["plain", "mdconv"], [0, 1, 2], runner2, prepare)
+    assert calls == []  # everything recorded: nothing reruns
+    study_tool.run_study(path, ["plain"], [3], runner2, prepare)  # the plan grows
+    assert calls == [("plain", 3), ("mdconv", 3)]
+
+
+def test_render_states_the_finding_and_the_page_matches_its_json():
+    study = {"plan": {"configs": ["plain", "mdconv"], "seeds": [0, 1, 2]}, "runs": []}
+    study["runs"] = [fake_record(c, s) for c in ("plain", "mdconv") for s in (0, 1, 2)]
+    study["runs"][0]["box_ap"] = 50.5  # differences 1.5, 2, 2: resolvable
+    block = study_tool.render_markdown(study)
+    assert "6 of 6 planned runs done" in block
+    assert "| 0 | 50.5 (40.0) | 52.0 (40.0) |" in block
+    assert "**mdconv: +1.8 ± 0.7 box AP over 3 seeds**" in block  # t(2) * 0.2887 / sqrt(3)
+    study["runs"][3]["box_ap"] = 40.0  # differences -10.5, 2, 2: the interval spans zero
+    assert "no difference is resolvable at this scale" in study_tool.render_markdown(study)
+
+
+def test_parse_log_reads_detectron2s_copypaste_lines():
+    log = (
+        "[d2.engine.hooks]: Overall training speed: 398 iterations in 0:03:40 (0.5528 s / it)\n"
+        "[d2.evaluation.testing]: copypaste: Task: bbox\n"
+        "[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl\n"
+        "[d2.evaluation.testing]: copypaste: 54.3120,80.1,60.0,30.1,55.0,60.2\n"
+        "[d2.evaluation.testing]: copypaste: Task: segm\n"
+        "[d2.evaluation.testing]: copypaste: AP,AP50,AP75,APs,APm,APl\n"
+        "[d2.evaluation.testing]: copypaste: 59.2500,81.0,62.0,31.0,56.0,61.0\n"
+    )
+    assert study_tool.parse_log(log) == (54.312, 59.25, 0.5528)
+    with pytest.raises(RuntimeError, match="no bbox AP"):
+        study_tool.parse_log(log.replace("Task: bbox", "Task: keypoints"))
+
+
+QUICK = "quick_schedules/"
+TINY = [*SMALL, *NARROW, "MODEL.RESNETS.NORM", "FrozenBN"]  # GroupNorm needs 32 channels
+
+
+def shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_paired_initialisation_shares_every_common_parameter(tmp_path):
+    _, plain = make_model(QUICK + study_tool.CONFIGS["plain"], *TINY, seed=3)
+    _, mdconv = make_model(QUICK + study_tool.CONFIGS["mdconv"], *TINY, seed=4)
+    _, mdpool = make_model(QUICK + study_tool.CONFIGS["mdpool"], *TINY, seed=4)
+    keys = study_tool.match_init_keys(shapes(plain), shapes(mdconv))
+    new = sorted(set(shapes(mdconv)) - set(shapes(plain)))
+    assert keys == {"shared": len(shapes(plain)), "new": 26, "unused": 0}  # 13 blocks x (w, b)
+    assert all(".conv2_offset." in k for k in new)
+    # Faster R-CNN: the file's mask head has no place in it, mdpool's offset fcs are its own
+    keys = study_tool.match_init_keys(shapes(plain), shapes(mdpool))
+    assert keys["unused"] == sum(k.startswith("roi_heads.mask_head.") for k in shapes(plain))
+
+    # Loaded as train_net.py loads MODEL.WEIGHTS: every shared tensor equals the file's.
+    from projects_dcnv2.checkpoint import DCNv2Checkpointer
+
+    path = tmp_path / "init.pth"
+    torch.save({"model": plain.state_dict()}, path)
+    DCNv2Checkpointer(mdconv).load(str(path))
+    loaded, source = mdconv.state_dict(), plain.state_dict()
+    assert all(torch.equal(loaded[k], source[k]) for k in source)
+    assert all(torch.count_nonzero(loaded[k]) == 0 for k in new)  # zero-initialised offsets
+
+    key = "backbone.bottom_up.res4.0.conv2.weight"
+    renamed = {
+        k.replace("res4.0.conv2.", "res4.0.conv2.conv."): v for k, v in shapes(mdconv).items()
+    }
+    with pytest.raises(ValueError, match="missing from it, e.g. backbone.bottom_up.res4.0.conv2"):
+        study_tool.match_init_keys(shapes(plain), renamed)
+    wrong = dict(shapes(plain), **{key: (1, 2, 3, 3)})
+    with pytest.raises(
+        ValueError, match=r"differ in shape, e.g. .*res4.0.conv2.weight: file \(1, 2, 3, 3\)"
+    ):
+        study_tool.match_init_keys(wrong, shapes(mdconv))
+
+
+def test_the_configs_see_the_same_training_batches(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    opts = [*TINY, "SOLVER.IMS_PER_BATCH", "2"]
+    plain = study_tool.data_fingerprint("plain", 5, batches=2, opts=opts)
+    assert study_tool.data_fingerprint("mdconv", 5, batches=2, opts=opts) == plain
+    assert study_tool.data_fingerprint("plain", 6, batches=2, opts=opts) != plain

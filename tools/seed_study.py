@@ -1,0 +1,602 @@
+#!/usr/bin/env python
+"""Paired multi-seed runs of the quick configs, their statistics and their results page.
+
+    python tools/seed_study.py --configs plain mdconv dcnv2 --seeds 0 1 2 3 4   # run or resume
+    python tools/seed_study.py --render            # the page block and the plot, from the JSON
+    python tools/seed_study.py --rerun mdconv 3    # rerun one listed run, print the AP difference
+    python tools/seed_study.py --eval-noise plain 0 --subset 100   # box AP on disjoint val subsets
+
+Pairing: seed ``s`` gives every config the same start. The plain twin is built with ``SEED s``
+and its initial weights are saved (``<workdir>/init/seed<s>.pth``); every config, the plain twin
+included, trains from that file (``MODEL.WEIGHTS``) with ``SEED s``. Parameters only a DCNv2
+config has (offset / mask predictors, mdpool's offset fcs) keep their own initialisation; before
+the first run the tool checks that every other parameter matches the file by name and shape
+(:func:`match_init_keys`) and that the training loader yields the same first batches, flips
+included, for every config (:func:`data_fingerprint`). What stays unpaired: RPN and RoI-head
+sampling draws from torch's generator, whose state after building differs between models.
+
+Each run is a ``train_net.py`` subprocess whose log, metrics and checkpoint stay in
+``<workdir>/<config>/seed<s>``. The JSON (``--json``) is rewritten after every run: a finished
+(config, seed) is never rerun, so an interrupted study resumes by running the same command.
+Each record holds box / mask AP, s/iter, wall time, the loss curve and the build (git commit,
+``git rev-parse HEAD:csrc``, CPU model and SIMD flags, torch, threads).
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = "configs/quick_schedules"
+CONFIGS = {  # short name -> config file; the first is the reference of the paired differences
+    "plain": "mask_rcnn_R50_FPN_shapes.yaml",
+    "mdconv": "mask_rcnn_R50_FPN_mdconv_shapes.yaml",
+    "dcnv2": "mask_rcnn_R50_FPN_dcnv2_shapes.yaml",
+    "mdpool": "faster_rcnn_R50_FPN_mdpool_shapes.yaml",
+    "mimic": "mask_rcnn_R50_FPN_dcnv2_mimic_shapes.yaml",
+}
+LABELS = {
+    "plain": "plain (no DCN)",
+    "mdconv": "mdconv c3-c5",
+    "dcnv2": "mdconv + mdpool",
+    "mdpool": "mdpool (Faster R-CNN)",
+    "mimic": "mdconv + mdpool + mimic",
+}
+PAGE = "docs/results/quick_configs.md"
+PLOT = "docs/images/seed_study_shapes.png"
+BEGIN, END = "<!-- seed-study -->", "<!-- /seed-study -->"
+
+
+# ---- statistics -------------------------------------------------------------------------------
+
+
+def mean_std(values):
+    """(mean, sample standard deviation with n - 1); the std is None below two values."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_std: expected at least one value, got none")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _t_cdf_from_zero(x, df):
+    """P(0 < T < x) for Student's t with ``df`` degrees of freedom (Simpson's rule on the pdf)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    steps = 2000  # even; the pdf is smooth, so this is exact to ~1e-10 for x < 100
+    h = x / steps
+    total = 0.0
+    for i in range(steps + 1):
+        weight = 1 if i in (0, steps) else (4 if i % 2 else 2)
+        t = i * h
+        total += weight * math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+    return total * h / 3
+
+
+def t_quantile(p, df):
+    """The ``p`` quantile (p in (0.5, 1)) of Student's t with ``df`` >= 1 degrees of freedom."""
+    if not 0.5 < p < 1:
+        raise ValueError(f"t_quantile: expected 0.5 < p < 1, got p={p}")
+    if df < 1:
+        raise ValueError(f"t_quantile: expected df >= 1, got df={df}")
+    lo, hi = 0.0, 1.0
+    while _t_cdf_from_zero(hi, df) < p - 0.5:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf_from_zero(mid, df) < p - 0.5 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_difference(reference, other, level=0.95):
+    """``other - reference`` over the seeds both dicts (seed -> AP) hold.
+
+    Returns:
+        dict: n, mean, half (the half-width of the ``level`` Student-t interval, None for n < 2),
+        lo, hi.
+    """
+    seeds = sorted(set(reference) & set(other))
+    if not seeds:
+        raise ValueError("paired_difference: the two configs share no seed")
+    diffs = [other[s] - reference[s] for s in seeds]
+    mean, sd = mean_std(diffs)
+    if sd is None:
+        return {"n": 1, "mean": mean, "half": None, "lo": None, "hi": None}
+    half = t_quantile(0.5 + level / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return {"n": len(diffs), "mean": mean, "half": half, "lo": mean - half, "hi": mean + half}
+
+
+# ---- pairing checks ---------------------------------------------------------------------------
+
+
+def match_init_keys(init_shapes, model_shapes):
+    """Checks that a model takes every parameter of the saved initial state it has a place for.
+
+    Args:
+        init_shapes, model_shapes (dict[str, tuple]): state-dict key -> tensor shape.
+    Returns:
+        dict: shared (keys loaded from the file), new (the model's own keys, e.g. offset convs),
+        unused (file keys under a module the model does not have, e.g. a Faster R-CNN's mask head).
+    Raises:
+        ValueError: a shared key differs in shape, or a file key is missing from a module that the
+            model has (a rename would silently leave that parameter at its own initialisation).
+    """
+    shared = sorted(set(init_shapes) & set(model_shapes))
+    bad = [k for k in shared if tuple(init_shapes[k]) != tuple(model_shapes[k])]
+    if bad:
+        k = bad[0]
+        raise ValueError(
+            f"initial state: {len(bad)} shared keys differ in shape, e.g. {k}: "
+            f"file {tuple(init_shapes[k])} vs model {tuple(model_shapes[k])}"
+        )
+    prefixes = {k[: i + 1] for k in model_shapes for i, ch in enumerate(k) if ch == "."}
+    unused = sorted(set(init_shapes) - set(model_shapes))
+    renamed = [k for k in unused if k.rsplit(".", 1)[0] + "." in prefixes]
+    if renamed:
+        raise ValueError(
+            f"initial state: {len(renamed)} keys of modules the model has are missing from it, "
+            f"e.g. {renamed[0]} (renamed?)"
+        )
+    if not shared:
+        raise ValueError("initial state: no key is shared with the model")
+    new = sorted(set(model_shapes) - set(init_shapes))
+    return {"shared": len(shared), "new": len(new), "unused": len(unused)}
+
+
+def _setup_cfg(config, seed, opts=()):
+    from projects_dcnv2 import load_dcnv2_config
+
+    return load_dcnv2_config(str(REPO / QUICK / CONFIGS[config]), ["SEED", str(seed), *opts])
+
+
+def initial_state(seed, path, opts=()):
+    """Builds the plain twin as train_net.py does for ``SEED seed`` and saves its state_dict."""
+    import torch
+
+    from detectron2.modeling import build_model
+    from detectron2.utils.env import seed_all_rng
+
+    seed_all_rng(seed)
+    model = build_model(_setup_cfg("plain", seed, opts))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict()}, path)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def model_shapes(config, seed, opts=()):
+    import torch
+
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(_setup_cfg(config, seed, opts))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def data_fingerprint(config, seed, batches=3, opts=()):
+    """SHA-1 of the first ``batches`` training batches (file names and image tensors, so flips
+    count) that train_net.py's loader yields for ``config`` and ``seed``: seeded as
+    ``default_setup`` seeds, after the model is built, as ``DCNv2Trainer`` builds it."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.env import seed_all_rng
+
+    from projects_dcnv2.engine import DCNv2Trainer
+
+    cfg = _setup_cfg(config, seed, opts)
+    seed_all_rng(seed)
+    build_model(cfg)
+    digest = hashlib.sha1()
+    for _, batch in zip(range(batches), DCNv2Trainer.build_train_loader(cfg)):
+        for item in batch:
+            digest.update(item["file_name"].encode())
+            digest.update(item["image"].numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+
+def build_info(repo=REPO):
+    """Git commit, csrc tree hash (+ whether csrc has uncommitted changes), CPU and torch."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    import torch
+
+    cpu, flags = platform.processor(), []
+    if os.path.exists("/proc/cpuinfo"):
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.*)", text).group(1).strip()
+        all_flags = re.search(r"flags\s*:\s*(.*)", text).group(1).split()
+        flags = sorted(f for f in all_flags if f.startswith(("avx", "fma", "sse", "amx")))
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "csrc": git("rev-parse", "HEAD:csrc"),
+        "csrc_dirty": bool(git("status", "--porcelain", "csrc")),
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "torch": torch.__version__,
+    }
+
+
+def parse_log(log):
+    """(box AP, mask AP or None, s/iter) from a train_net.py log."""
+    aps = {}
+    for task, values in re.findall(
+        r"copypaste: Task: (\w+)\n.*copypaste: AP,.*\n.*copypaste: ([-\d.,naN]+)", log
+    ):
+        aps[task] = float(values.split(",")[0])
+    speed = re.findall(r"Overall training speed: .*\(([\d.]+) s / it\)", log)
+    if "bbox" not in aps or not speed:
+        raise RuntimeError("train_net.py log: no bbox AP or training speed found")
+    return aps["bbox"], aps.get("segm"), float(speed[-1])
+
+
+def loss_curve(metrics_path):
+    """[[iteration, total_loss], ...] as Detectron2's JSONWriter logged them."""
+    curve = {}
+    with open(metrics_path) as f:
+        for line in f:
+            record = json.loads(line) if line.strip() else {}
+            if "total_loss" in record:
+                curve[record["iteration"]] = round(record["total_loss"], 4)
+    return [[i, curve[i]] for i in sorted(curve)]
+
+
+class TrainNetRunner:
+    """Runs one (config, seed) as a train_net.py subprocess; returns its record."""
+
+    def __init__(self, workdir, threads, opts=()):
+        self.workdir, self.threads, self.opts = Path(workdir), threads, list(opts)
+
+    def init_path(self, seed):
+        return self.workdir / "init" / f"seed{seed}.pth"
+
+    def run_dir(self, config, seed):
+        return self.workdir / config / f"seed{seed}"
+
+    def __call__(self, config, seed):
+        out = self.run_dir(config, seed)
+        shutil.rmtree(out, ignore_errors=True)  # a run interrupted half-way starts over
+        out.mkdir(parents=True)
+        cmd = [
+            sys.executable, "train_net.py", "--config-file", f"{QUICK}/{CONFIGS[config]}",
+            "SEED", str(seed), "MODEL.WEIGHTS", str(self.init_path(seed)),
+            "OUTPUT_DIR", str(out), *self.opts,
+        ]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONPATH=str(REPO))
+        start = time.time()
+        with open(out / "log.txt", "w") as log:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wall = time.time() - start
+        text = (out / "log.txt").read_text()
+        if rc.returncode != 0:
+            raise RuntimeError(f"{config} seed {seed}: train_net.py failed:\n{text[-3000:]}")
+        box, mask, s_iter = parse_log(text)
+        return {
+            "config": config,
+            "seed": seed,
+            "box_ap": round(box, 3),
+            "mask_ap": None if mask is None else round(mask, 3),
+            "s_per_iter": s_iter,
+            "wall_s": round(wall, 1),
+            "threads": self.threads,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "build": build_info(),
+            "loss": loss_curve(out / "metrics.json"),
+        }
+
+
+def load_study(path):
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {"plan": {}, "runs": []}
+
+
+def save_study(path, study):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(study, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def pending(study):
+    """The planned (config, seed) pairs not yet recorded, seed by seed (so runs stay paired)."""
+    done = {(r["config"], r["seed"]) for r in study["runs"]}
+    plan = study["plan"]
+    return [(c, s) for s in plan["seeds"] for c in plan["configs"] if (c, s) not in done]
+
+
+def run_study(path, configs, seeds, runner, prepare=None):
+    """Runs the pending (config, seed) pairs of the study in ``path`` (created if absent), saving
+    the JSON after each; the plan grows by ``configs`` and ``seeds``. ``prepare(seed, study)`` is
+    called once per seed before its first pending run (the initial state, the checks)."""
+    study = load_study(path)
+    plan = study["plan"]
+    plan["configs"] = plan.get("configs", []) + [
+        c for c in configs if c not in plan.get("configs", [])
+    ]
+    plan["seeds"] = plan.get("seeds", []) + [s for s in seeds if s not in plan.get("seeds", [])]
+    save_study(path, study)
+    prepared = set()
+    for config, seed in pending(study):
+        if prepare is not None and seed not in prepared:
+            prepare(seed, study)
+            save_study(path, study)
+            prepared.add(seed)
+        print(f"seed_study: {config} seed {seed} ...", flush=True)
+        record = runner(config, seed)
+        study["runs"].append(record)
+        save_study(path, study)
+        print(f"seed_study: {config} seed {seed}: box AP {record['box_ap']:.1f}", flush=True)
+    return study
+
+
+def make_prepare(runner, opts=()):
+    """The per-seed preparation: the initial state, then (once per study) the key and data checks."""
+
+    def prepare(seed, study):
+        init_shapes = initial_state(seed, runner.init_path(seed), opts)
+        checks = study.setdefault("checks", {})
+        for config in study["plan"]["configs"]:
+            if config not in checks:
+                keys = match_init_keys(init_shapes, model_shapes(config, seed, opts))
+                checks[config] = {
+                    "seed": seed,
+                    "keys": keys,
+                    "data": data_fingerprint(config, seed),
+                }
+        fingerprints = {c["seed"]: set() for c in checks.values()}
+        for c in checks.values():
+            fingerprints[c["seed"]].add(c["data"])
+        if any(len(f) > 1 for f in fingerprints.values()):
+            raise RuntimeError(f"seed_study: the configs see different training data: {checks}")
+
+    return prepare
+
+
+# ---- rendering --------------------------------------------------------------------------------
+
+
+def _fmt(value, digits=1, sign=False):
+    return "–" if value is None else f"{value:{'+' if sign else ''}.{digits}f}"
+
+
+def by_config(study, key="box_ap"):
+    """config -> {seed: value}, in plan order."""
+    table = {c: {} for c in study["plan"]["configs"]}
+    for r in study["runs"]:
+        if r.get(key) is not None:
+            table.setdefault(r["config"], {})[r["seed"]] = r[key]
+    return table
+
+
+def finding(reference, config, diff):
+    """The plain sentence for one paired difference."""
+    if diff["half"] is not None and (diff["lo"] > 0 or diff["hi"] < 0):
+        return (
+            f"**{config}: {diff['mean']:+.1f} ± {diff['half']:.1f} box AP over {diff['n']} seeds** "
+            f"(95% interval of the paired difference to {reference})."
+        )
+    interval = (
+        "one seed, no interval"
+        if diff["half"] is None
+        else f"95% interval {diff['lo']:+.1f} to {diff['hi']:+.1f}"
+    )
+    return (
+        f"**{config} vs {reference}: no difference is resolvable at this scale** "
+        f"({diff['mean']:+.1f} box AP, {interval}, {diff['n']} seeds)."
+    )
+
+
+def render_markdown(study, plot_path=PLOT):
+    """The page block (between the markers) for ``study``."""
+    configs = study["plan"]["configs"]
+    seeds = study["plan"]["seeds"]
+    box, mask = by_config(study), by_config(study, "mask_ap")
+    done, planned = len(study["runs"]), len(configs) * len(seeds)
+    lines = [
+        f"{done} of {planned} planned runs done ({len(configs)} configs x {len(seeds)} seeds)."
+    ]
+    builds = {(r["build"]["commit"][:7], r["build"]["csrc"][:7]) for r in study["runs"]}
+    cpus = {(r["build"]["cpu"], " ".join(r["build"]["cpu_flags"])) for r in study["runs"]}
+    for commit, csrc in sorted(builds):
+        lines.append(f"Build: commit {commit}, csrc tree {csrc}.")
+    for cpu, flags in sorted(cpus):
+        lines.append(f"CPU: {cpu} ({flags}).")
+    lines += ["", "Box AP (mask AP) per seed:", ""]
+    lines.append("| seed | " + " | ".join(f"{LABELS[c]}" for c in configs) + " |")
+    lines.append("|---" * (len(configs) + 1) + "|")
+    for s in seeds:
+        cells = [
+            f"{_fmt(box[c].get(s))} ({_fmt(mask[c].get(s))})" if s in box[c] else "–"
+            for c in configs
+        ]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    stats = []
+    for c in configs:
+        if box[c]:
+            mean, std = mean_std(list(box[c].values()))
+            stats.append(f"**{_fmt(mean)} ± {_fmt(std)}**")
+        else:
+            stats.append("–")
+    lines.append("| mean ± std | " + " | ".join(stats) + " |")
+    times = []
+    for c in configs:
+        runs = [r for r in study["runs"] if r["config"] == c]
+        times.append(
+            f"{mean_std([r['s_per_iter'] for r in runs])[0]:.2f} s/iter, "
+            f"{mean_std([r['wall_s'] for r in runs])[0]:.0f} s"
+            if runs
+            else "–"
+        )
+    lines.append("| mean time | " + " | ".join(times) + " |")
+    reference = configs[0]
+    pairs = [
+        (a, b) for i, a in enumerate(configs) for b in configs[i + 1 :] if set(box[a]) & set(box[b])
+    ]
+    if pairs:
+        lines += ["", "Paired differences of box AP (second minus first, same seeds):", ""]
+        lines.append("| pair | seeds | mean difference | 95% interval |")
+        lines.append("|---|---|---|---|")
+        for a, b in pairs:
+            d = paired_difference(box[a], box[b])
+            interval = "–" if d["half"] is None else f"{d['lo']:+.1f} to {d['hi']:+.1f}"
+            lines.append(f"| {b} − {a} | {d['n']} | {d['mean']:+.1f} | {interval} |")
+        lines += ["", "Finding:", ""]
+        for b in configs[1:]:
+            if set(box[reference]) & set(box[b]):
+                diff = paired_difference(box[reference], box[b])
+                lines.append(f"- {finding(reference, b, diff)}")
+    noise = study.get("eval_noise")
+    if noise:
+        mean, std = mean_std(noise["aps"])
+        lines += [
+            "",
+            f"Evaluation noise alone: the {noise['config']} seed {noise['seed']} model scored "
+            f"{', '.join(_fmt(a) for a in noise['aps'])} box AP on {len(noise['aps'])} disjoint "
+            f"{noise['subset']}-image subsets of the validation split (std {_fmt(std)}; "
+            f"{_fmt(noise['full'])} on all {noise['images']} images).",
+        ]
+    if plot_path and study["runs"]:
+        rel = os.path.relpath(REPO / plot_path, (REPO / PAGE).parent)
+        lines += ["", f"![box AP per seed and config, one line per seed]({rel})"]
+    return "\n".join(lines) + "\n"
+
+
+def update_page(text, block):
+    """``text`` with the part between the seed-study markers replaced by ``block``."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise ValueError(f"{PAGE}: expected one {BEGIN} ... {END} pair")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    return f"{head}{BEGIN}\n{block}{END}{tail}"
+
+
+def plot(study, path):
+    """Box AP per config, one line per seed joining its runs, and each config's mean ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = study["plan"]["configs"]
+    box = by_config(study)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for s in study["plan"]["seeds"]:
+        xs = [i for i, c in enumerate(configs) if s in box[c]]
+        ax.plot(xs, [box[configs[i]][s] for i in xs], "o-", alpha=0.7, label=f"seed {s}")
+    for i, c in enumerate(configs):
+        if len(box[c]) > 1:
+            mean, std = mean_std(list(box[c].values()))
+            ax.errorbar(i + 0.12, mean, yerr=std, fmt="ks", capsize=4)
+    ax.set_xticks(range(len(configs)), [LABELS[c] for c in configs])
+    ax.set_ylabel("box AP (dcnv2_shapes_val)")
+    ax.set_title("Quick configs: box AP per seed (black: mean ± std)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---- evaluation noise -------------------------------------------------------------------------
+
+
+def eval_noise(run_dir, subset):
+    """Box AP of one run's saved detections on disjoint ``subset``-image slices of the val split."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from projects_dcnv2.data.shapes import generate_shapes_dataset
+
+    gt_path = Path(generate_shapes_dataset()) / "annotations" / "instances_val.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+        dets = gt.loadRes(str(Path(run_dir) / "inference" / "coco_instances_results.json"))
+
+    def ap(image_ids):
+        e = COCOeval(gt, dets, "bbox")
+        e.params.imgIds = image_ids
+        with contextlib.redirect_stdout(io.StringIO()):
+            e.evaluate(), e.accumulate(), e.summarize()
+        return 100 * e.stats[0]
+
+    ids = sorted(gt.getImgIds())
+    chunks = [ids[i : i + subset] for i in range(0, len(ids) - subset + 1, subset)]
+    return {"subset": subset, "images": len(ids), "full": ap(ids), "aps": [ap(c) for c in chunks]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--configs", nargs="+", default=["plain", "mdconv", "dcnv2"], choices=CONFIGS
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--json", default="docs/seed_study_shapes.json", help="the study's record")
+    parser.add_argument("--workdir", default="output/seed_study", help="runs, initial states, data")
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--render", action="store_true", help=f"write {PAGE}'s block and {PLOT}")
+    parser.add_argument("--rerun", nargs=2, metavar=("CONFIG", "SEED"))
+    parser.add_argument("--eval-noise", nargs=2, metavar=("CONFIG", "SEED"))
+    parser.add_argument("--subset", type=int, default=100, help="images per --eval-noise slice")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="extra train_net.py KEY VALUE pairs")
+    args = parser.parse_args(argv)
+    json_path = REPO / args.json
+    workdir = REPO / args.workdir
+    # Each study generates its own copy of the shapes data set (a stale copy of another size
+    # would be used silently otherwise).
+    os.environ["DETECTRON2_DATASETS"] = str(workdir / "datasets")
+    runner = TrainNetRunner(workdir, args.threads, args.opts)
+
+    if args.render:
+        study = load_study(json_path)
+        page = REPO / PAGE
+        page.write_text(update_page(page.read_text(), render_markdown(study)))
+        plot(study, REPO / PLOT)
+        print(f"wrote {PAGE} and {PLOT}")
+    elif args.rerun:
+        config, seed = args.rerun[0], int(args.rerun[1])
+        study = load_study(json_path)
+        old = [r for r in study["runs"] if (r["config"], r["seed"]) == (config, seed)]
+        if not old:
+            sys.exit(f"--rerun: {config} seed {seed} is not in {json_path}")
+        record = runner(config, seed)
+        same = record["build"] == old[0]["build"] and record["threads"] == old[0]["threads"]
+        print(
+            f"{config} seed {seed}: box AP {record['box_ap']:.3f} now, {old[0]['box_ap']:.3f} "
+            f"recorded: difference {record['box_ap'] - old[0]['box_ap']:+.3f} "
+            f"({'same' if same else 'another'} build and thread count)"
+        )
+    elif args.eval_noise:
+        config, seed = args.eval_noise[0], int(args.eval_noise[1])
+        study = load_study(json_path)
+        noise = eval_noise(runner.run_dir(config, seed), args.subset)
+        study["eval_noise"] = {"config": config, "seed": seed, **noise}
+        save_study(json_path, study)
+        print(json.dumps(study["eval_noise"]))
+    else:
+        run_study(json_path, args.configs, args.seeds, runner, make_prepare(runner, args.opts))
+
+
+if __name__ == "__main__":
+    main()
