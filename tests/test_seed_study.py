@@ -110,6 +110,14 @@ def test_render_states_the_finding_and_the_page_matches_its_json():
     assert "no difference is resolvable at this scale" in study_tool.render_markdown(study)
 
 
+def test_the_results_page_matches_its_json():
+    page = (REPO / study_tool.PAGE).read_text()
+    recorded = study_tool.load_study(REPO / "docs" / "seed_study_shapes.json")
+    assert recorded["runs"], "docs/seed_study_shapes.json holds no run"
+    expected = study_tool.update_page(page, study_tool.render_markdown(recorded))
+    assert page == expected, "run python tools/seed_study.py --render"
+
+
 def test_parse_log_reads_detectron2s_copypaste_lines():
     log = (
         "[d2.engine.hooks]: Overall training speed: 398 iterations in 0:03:40 (0.5528 s / it)\n"

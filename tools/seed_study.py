@@ -410,14 +410,18 @@ def render_markdown(study, plot_path=PLOT):
     box, mask = by_config(study), by_config(study, "mask_ap")
     done, planned = len(study["runs"]), len(configs) * len(seeds)
     lines = [
-        f"{done} of {planned} planned runs done ({len(configs)} configs x {len(seeds)} seeds)."
+        f"- {done} of {planned} planned runs done ({len(configs)} configs x {len(seeds)} seeds)."
     ]
     builds = {(r["build"]["commit"][:7], r["build"]["csrc"][:7]) for r in study["runs"]}
     cpus = {(r["build"]["cpu"], " ".join(r["build"]["cpu_flags"])) for r in study["runs"]}
+    threads = ", ".join(str(t) for t in sorted({r["threads"] for r in study["runs"]}))
     for commit, csrc in sorted(builds):
-        lines.append(f"Build: commit {commit}, csrc tree {csrc}.")
+        lines.append(f"- Build: commit {commit}, csrc tree {csrc}; OMP threads: {threads}.")
     for cpu, flags in sorted(cpus):
-        lines.append(f"CPU: {cpu} ({flags}).")
+        lines.append(f"- CPU: {cpu}; SIMD flags: {flags}.")
+    dates = sorted(r["date"] for r in study["runs"] if "date" in r)
+    if dates:
+        lines.append(f"- Runs finished between {dates[0]} and {dates[-1]}.")
     lines += ["", "Box AP (mask AP) per seed:", ""]
     lines.append("| seed | " + " | ".join(f"{LABELS[c]}" for c in configs) + " |")
     lines.append("|---" * (len(configs) + 1) + "|")
@@ -580,6 +584,8 @@ def main(argv=None):
         old = [r for r in study["runs"] if (r["config"], r["seed"]) == (config, seed)]
         if not old:
             sys.exit(f"--rerun: {config} seed {seed} is not in {json_path}")
+        if not runner.init_path(seed).exists():
+            initial_state(seed, runner.init_path(seed), args.opts)
         record = runner(config, seed)
         same = record["build"] == old[0]["build"] and record["threads"] == old[0]["threads"]
         print(
