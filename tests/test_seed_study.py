@@ -98,6 +98,28 @@ def test_an_interrupted_study_resumes_without_rerunning(tmp_path):
     assert calls == [("plain", 3), ("mdconv", 3)]
 
 
+def test_rerun_compares_with_the_record(tmp_path, capsys):
+    path = tmp_path / "study.json"
+    study_tool.run_study(path, ["plain"], [0], fake_record)
+    assert study_tool.rerun(path, "plain", 0, fake_record)  # the same AP
+    assert "difference +0.000 (same ops build" in capsys.readouterr().out
+
+    def drifted(config, seed):
+        return dict(fake_record(config, seed), box_ap=50.2)
+
+    assert not study_tool.rerun(path, "plain", 0, drifted)  # 0.2 AP on the same build: fails
+
+    def other_build(config, seed):
+        record = drifted(config, seed)
+        record["build"] = dict(record["build"], csrc="c" * 40)
+        return record
+
+    assert study_tool.rerun(path, "plain", 0, other_build)  # another build: reported, not failed
+    assert "difference +0.200 (another ops build" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="mdconv seed 0 is not in"):
+        study_tool.rerun(path, "mdconv", 0, fake_record)
+
+
 def test_render_states_the_finding_and_the_page_matches_its_json():
     study = {"plan": {"configs": ["plain", "mdconv"], "seeds": [0, 1, 2]}, "runs": []}
     study["runs"] = [fake_record(c, s) for c in ("plain", "mdconv") for s in (0, 1, 2)]

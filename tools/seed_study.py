@@ -369,6 +369,29 @@ def make_prepare(runner, opts=()):
     return prepare
 
 
+def rerun(path, config, seed, runner, tolerance=0.1):
+    """Runs a recorded (config, seed) again and prints its box AP difference from the record.
+
+    Returns:
+        bool: False when the ops build (csrc tree, CPU, torch) and thread count are the
+        recorded ones and the AP moved by more than ``tolerance``.
+    """
+    old = [r for r in load_study(path)["runs"] if (r["config"], r["seed"]) == (config, seed)]
+    if not old:
+        raise SystemExit(f"--rerun: {config} seed {seed} is not in {path}")
+    old, new = old[0], runner(config, seed)
+    ops = ("csrc", "csrc_dirty", "cpu", "cpu_flags", "torch")
+    same = all(new["build"].get(k) == old["build"].get(k) for k in ops)
+    same = same and new["threads"] == old["threads"]
+    diff = new["box_ap"] - old["box_ap"]
+    print(
+        f"{config} seed {seed}: box AP {new['box_ap']:.3f} now, {old['box_ap']:.3f} recorded: "
+        f"difference {diff:+.3f} ({'same' if same else 'another'} ops build, CPU and thread count; "
+        f"commit {new['build']['commit'][:7]} now, {old['build']['commit'][:7]} recorded)"
+    )
+    return not same or abs(diff) <= tolerance
+
+
 # ---- rendering --------------------------------------------------------------------------------
 
 
@@ -580,19 +603,10 @@ def main(argv=None):
         print(f"wrote {PAGE} and {PLOT}")
     elif args.rerun:
         config, seed = args.rerun[0], int(args.rerun[1])
-        study = load_study(json_path)
-        old = [r for r in study["runs"] if (r["config"], r["seed"]) == (config, seed)]
-        if not old:
-            sys.exit(f"--rerun: {config} seed {seed} is not in {json_path}")
         if not runner.init_path(seed).exists():
             initial_state(seed, runner.init_path(seed), args.opts)
-        record = runner(config, seed)
-        same = record["build"] == old[0]["build"] and record["threads"] == old[0]["threads"]
-        print(
-            f"{config} seed {seed}: box AP {record['box_ap']:.3f} now, {old[0]['box_ap']:.3f} "
-            f"recorded: difference {record['box_ap'] - old[0]['box_ap']:+.3f} "
-            f"({'same' if same else 'another'} build and thread count)"
-        )
+        if not rerun(json_path, config, seed, runner):
+            sys.exit(1)
     elif args.eval_noise:
         config, seed = args.eval_noise[0], int(args.eval_noise[1])
         study = load_study(json_path)
