@@ -46,7 +46,7 @@ from torch.library import wrap_triton
 from . import INT32_MAX, dot_precision
 from .common import dcn_cell, dcn_corner, tap_position
 
-__all__ = ["mdconv_forward", "forward_plan", "INTERPRETED", "INTERPRETER_BLOCKS"]
+__all__ = ["mdconv_forward", "forward_plan", "launch_spec", "INTERPRETED", "INTERPRETER_BLOCKS"]
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -246,6 +246,53 @@ def channels_last_input(input):
     return input.contiguous(memory_format=torch.channels_last)
 
 
+def launch_spec(
+    input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, dg,
+    out, sms,
+):  # fmt: skip
+    """The forward kernel's launch for these arguments: (args, meta, grid), meta holding the
+    constexprs, num_warps and num_stages. ``out``: the (N, O, Ho, Wo) contiguous output (args[5] is
+    it, or the float32 partial sums when grid[1] > 1); ``sms``: the GPU's streaming
+    multiprocessors, None for the interpreter's ``INTERPRETER_BLOCKS``. Works on meta tensors (the
+    compiler checks of tests/test_triton_static.py build the real launch from it)."""
+    N, C, H, W = input.shape
+    out_channels, cg, kh, kw = weight.shape
+    Ho, Wo = offset.shape[2:]
+    og, cd, M = out_channels // groups, C // dg, N * Ho * Wo
+    dtype = input.dtype
+    if sms is None:
+        plan = dict(INTERPRETER_BLOCKS)
+        split = plan.pop("SPLIT_K", 1)
+        tiles = triton.cdiv(M, plan["BLOCK_M"]) * groups * triton.cdiv(og, plan["BLOCK_N"])
+        launch = plan
+    else:
+        plan = forward_plan(M, cg, og, cd, groups, kh, kw, input.element_size(), sms, out.numel())
+        split, (tiles, _) = plan["split_k"], plan["grid"]
+        launch = {k: plan[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+    x = channels_last_input(input)
+    # weight packed (G, kh * kw, cg, og): a chunk's rows of B, its output channels adjacent
+    packed = weight.reshape(groups, og, cg, kh * kw).permute(0, 3, 2, 1).contiguous()
+    dot_dtype = _TL_DTYPES[dtype]
+    if INTERPRETED and dtype == torch.bfloat16:
+        dot_dtype = tl.float32  # the interpreter's tl.dot mishandles bfloat16; exact in float32
+    target = out if split == 1 else out.new_empty((split, *out.shape), dtype=torch.float32)
+    args = (
+        x, offset, mask, packed, bias if bias is not None else packed, target,
+        M, H, W, Ho, Wo, groups, cg, og, cd, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        x.stride(0), x.stride(2), x.stride(3), *offset.stride(), *mask.stride(),
+        out.numel(), out.stride(0), out.stride(1),
+    )  # fmt: skip
+    meta = dict(
+        HAS_BIAS=bias is not None,
+        KH=kh,
+        KW=kw,
+        DOT_DTYPE=dot_dtype,
+        DOT_PRECISION=dot_precision(dtype),
+        **launch,
+    )
+    return args, meta, (tiles, split)
+
+
 def mdconv_forward(
     input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, dg
 ):
@@ -272,42 +319,12 @@ def mdconv_forward(
             out += bias.view(1, -1, 1, 1)
         return out
     _device_of(input)
-    og, cd, M = out_channels // groups, C // dg, N * Ho * Wo
-    dtype = input.dtype
-    if INTERPRETED:
-        plan = dict(INTERPRETER_BLOCKS)
-        split = plan.pop("SPLIT_K", 1)
-        tiles = triton.cdiv(M, plan["BLOCK_M"]) * groups * triton.cdiv(og, plan["BLOCK_N"])
-        launch = plan
-    else:
-        plan = forward_plan(
-            M, cg, og, cd, groups, kh, kw, input.element_size(), _sm_count(input.device.index),
-            out.numel(),
-        )  # fmt: skip
-        split, (tiles, _) = plan["split_k"], plan["grid"]
-        launch = {k: plan[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
-    x = channels_last_input(input)
-    # weight packed (G, kh * kw, cg, og): a chunk's rows of B, its output channels adjacent
-    packed = weight.reshape(groups, og, cg, kh * kw).permute(0, 3, 2, 1).contiguous()
-    dot_dtype = _TL_DTYPES[dtype]
-    if INTERPRETED and dtype == torch.bfloat16:
-        dot_dtype = tl.float32  # the interpreter's tl.dot mishandles bfloat16; exact in float32
-    target = out if split == 1 else out.new_empty((split, *out.shape), dtype=torch.float32)
-    args = (
-        x, offset, mask, packed, bias if bias is not None else packed, target,
-        M, H, W, Ho, Wo, groups, cg, og, cd, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        x.stride(0), x.stride(2), x.stride(3), *offset.stride(), *mask.stride(),
-        out.numel(), out.stride(0), out.stride(1),
+    sms = None if INTERPRETED else _sm_count(input.device.index)
+    args, meta, grid = launch_spec(
+        input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        groups, dg, out, sms,
     )  # fmt: skip
-    meta = dict(
-        HAS_BIAS=bias is not None,
-        KH=kh,
-        KW=kw,
-        DOT_DTYPE=dot_dtype,
-        DOT_PRECISION=dot_precision(dtype),
-        **launch,
-    )
-    grid = (tiles, split)
+    target, split = args[5], grid[1]
     sum_grid = (triton.cdiv(out.numel(), _SPLIT_BLOCK),)
     if INTERPRETED:
         if not is_fake(input):  # the interpreter would read fake tensors' missing data
