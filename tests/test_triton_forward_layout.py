@@ -107,8 +107,8 @@ def test_channels_last_input_of_a_strided_view():
 
 @pytest.mark.parametrize("split", [2, 3, 7])
 def test_split_k_parts_add_up(split, monkeypatch):
-    """The K loop cut into 2, 3 (unequal parts) and 7 parts (9 taps x 2 chunks = 18 steps: the
-    last part short), summed by _split_sum_kernel: the reference, bias once."""
+    """The K loop (9 taps x 2 chunks = 18 steps) cut into 2, 3 and 7 parts (of 3 steps: the last
+    one empty, it writes zeros), summed by _split_sum_kernel: the reference, bias once."""
     _interpreter_only()
     mf = _module()
     monkeypatch.setattr(
