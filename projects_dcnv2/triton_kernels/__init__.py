@@ -66,7 +66,8 @@ FUSED_FORWARD_DEFAULT = False
 """Whether the dispatcher sends the CUDA forward to the fused kernel by default (``cuda_impl`` under
 ``DCNV2_CUDA_IMPL=auto``). False: the fused forward was slower than the column path on an NVIDIA
 H200 (docs/gpu_runs/2026-12-04_h200.md), though it needs far less memory;
-``DCNV2_CUDA_IMPL=triton`` selects it where memory matters more than time."""
+``DCNV2_CUDA_IMPL=triton`` selects it where memory matters more than time. (That run measured the
+previous forward kernel; the channels-last rebuild of ``mdconv_forward.py`` is not measured yet.)"""
 
 
 def unsupported_reason(input, offset, mask, weight, grad_output=None):
