@@ -5,6 +5,7 @@ twins, as the seed table reports them (training memory per GPU, "Mem (GB)"; infe
 
     python tools/benchmark_model.py [--rows seed,dcnv2,mimic | CONFIG,...] [--modes train,infer]
         [--device cuda] [--size 800x1333] [--ims-per-batch 2] [--warmup 3] [--iters 10]
+        [--nms-candidates 2000] [--torchvision on|off]
         [--impl auto|triton|cuda] [--memory auto|inprocess|isolated|off] [--json out.json] [KEY VALUE ...]
 
 Rows (``ROWS``): the seed's five (Faster mdconv, Faster mdconv dg 4, Faster mdpool, Mask mdconv,
@@ -21,9 +22,17 @@ AMP on. Trailing KEY VALUE pairs override every config (the CPU test shrinks the
   metrics and optimizer step, in seconds per iteration. A non-finite loss stops the run.
 - **Inference** (``infer``): one image (batch 1, as the table's fps), ``model.eval()`` under
   ``torch.no_grad()``, under autocast when the config enables AMP (MMDetection tests its FP16
-  model in half precision); score threshold 0 so that every model keeps exactly
-  TEST.DETECTIONS_PER_IMAGE (100) detections and the heads' work does not depend on the random
-  weights. The backbone alone (ResNet + FPN, all an mdconv config changes) is timed beside it.
+  model in half precision). The postprocess gets a trained model's load: ``--nms-candidates``
+  (2000) (class, box) pairs per image go to NMS, the top-scoring ones, as a pre-NMS top-k would
+  (``limit_nms_candidates``; random weights score every class alike, so a fixed threshold would
+  send all 80 x 1000 pairs or none); the JSON records the count. The backbone alone (ResNet +
+  FPN, all an mdconv config changes) is timed beside it, and its ratio is reported beside the
+  whole model's.
+- **torchvision peer** (``--torchvision on``): each mdconv row's model also runs with
+  torchvision's ``deform_conv2d`` in place of our op (``use_torchvision_deform_conv``, same
+  weights), in the same rounds; its ratio to ours is in the row.
+- **Ratios** (``bench_utils.ratio_stats``): the median of per-round ratios, with their 25-75%
+  range and a check that the ratio of the medians lies in it (``*_agrees``).
 - **Inputs**: ``synthetic_batch``: images of ``--size`` (800 x 1333, the seed's scale) with a
   smooth random background and ``--objects`` (16) random polygons of 12 vertices per image, 24 to
   480 px across, painted in random colours, as ground truth: boxes, classes of the 80 COCO ids,
@@ -57,8 +66,12 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_utils, beside this file
+import bench_utils  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMP = "+amp"  # a twin spec suffix: the config with SOLVER.AMP.ENABLED True
+TV = "+tv"  # a peer spec suffix: the DCNv2 config with torchvision's deform_conv2d swapped in
 
 # (key = DCNv2 config, label, group, twin spec, other configs it is also compared with)
 ROWS = [
@@ -90,7 +103,7 @@ ROWS = [
         ("mask_rcnn_R50_FPN_dcnv2",),
     ),  # fmt: skip
 ]
-GB = 2**30
+GB = bench_utils.GB
 # The step's work does not depend on the learning rate. At the 1x recipe's (0.02 x 2 / 16), random
 # weights diverge within a dozen steps (on CPU, 320 x 512: the plain Mask R-CNN's classification
 # loss rose from ln 81 = 4.4 to 24, its AMP twin's to 1.2e4): keep the weights where they were drawn.
@@ -179,9 +192,61 @@ def proposals_around_objects(per_object, seed=0):
 
 
 # ------------------------------------------------------------------------------------- models
+def use_torchvision_deform_conv(model):
+    """Makes every ``ModulatedDeformConv2d`` of ``model`` call torchvision's ``deform_conv2d``
+    with its own weights (offsets [group][tap](dy, dx) and masks [group][tap], the layout both
+    ops share), followed by the module's ``norm`` where it has one. Returns how many it swapped."""
+    import types
+
+    import torchvision
+
+    from projects_dcnv2.layers import ModulatedDeformConv2d
+
+    def forward(self, x, offset, mask):
+        y = torchvision.ops.deform_conv2d(
+            x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+        )
+        norm = getattr(self, "norm", None)
+        return norm(y) if norm is not None else y
+
+    swapped = 0
+    for module in model.modules():
+        if isinstance(module, ModulatedDeformConv2d):
+            module.forward = types.MethodType(forward, module)
+            swapped += 1
+    return swapped
+
+
+def limit_nms_candidates(box_predictor, candidates, counts):
+    """Wraps ``box_predictor.inference`` so that at most ``candidates`` (class, box) pairs per
+    image pass the score threshold into NMS, as a pre-NMS top-k would: the threshold becomes the
+    score just below the ``candidates``-th largest foreground score (the lowest over the batch's
+    images). Random weights score every class alike (about 1/81), so a fixed threshold sends either
+    all 80 x 1000 pairs or none; a trained model's 0.05 keeps a few thousand. Appends the number
+    of pairs that passed (summed over the batch) to ``counts``."""
+    import torch
+
+    original = box_predictor.inference
+
+    def inference(predictions, proposals):
+        scores = [s[:, :-1] for s in box_predictor.predict_probs(predictions, proposals)]
+        kth = [
+            torch.topk(s.flatten(), min(candidates + 1, s.numel())).values[-1].item()
+            if s.numel() > candidates
+            else -1.0
+            for s in scores
+        ]
+        box_predictor.test_score_thresh = min(kth)
+        counts.append(sum(int((s > box_predictor.test_score_thresh).sum()) for s in scores))
+        return original(predictions, proposals)
+
+    box_predictor.inference = inference
+
+
 def _cfg(spec, args):
     from projects_dcnv2 import load_dcnv2_config
 
+    spec = spec[: -len(TV)] if spec.endswith(TV) else spec
     config, amp = (spec[: -len(AMP)], True) if spec.endswith(AMP) else (spec, None)
     opts = [
         "MODEL.DEVICE", args.device, "MODEL.WEIGHTS", "",
@@ -240,6 +305,12 @@ class _Model:
         self.amp = self.cfg.SOLVER.AMP.ENABLED
         self.amp_dtype = torch.float16 if self.device == "cuda" else torch.bfloat16
         self.model = build_model(self.cfg)
+        self.torchvision_convs = use_torchvision_deform_conv(self.model) if spec.endswith(TV) else 0
+        self.nms_candidates = []
+        if args.nms_candidates:
+            limit_nms_candidates(
+                self.model.roi_heads.box_predictor, args.nms_candidates, self.nms_candidates
+            )
         if args.proposals_per_object:
             self.model.proposal_generator.register_forward_hook(
                 proposals_around_objects(args.proposals_per_object)
@@ -346,6 +417,10 @@ def _measure(specs, args, inprocess):
     (inference first: training moves the weights). A dict per spec."""
     models = [_Model(s, args) for s in specs]
     _share_weights(models[0].model, [m.model for m in models[1:]])
+    by_spec = {m.spec: m.model for m in models}
+    for m in models:  # a torchvision peer: exactly our model's weights
+        if m.spec.endswith(TV) and m.spec[: -len(TV)] in by_spec:
+            m.model.load_state_dict(by_spec[m.spec[: -len(TV)]].state_dict())
     h, w = (int(v) for v in args.size.split("x"))
     batch = synthetic_batch(args.ims_per_batch, h, w, args.objects)
     out = {s: {} for s in specs}
@@ -367,6 +442,11 @@ def _measure(specs, args, inprocess):
                 out[s][part] = {"times": times[s]}
                 if peaks:
                     out[s][part]["peak_bytes"] = peaks[s]
+        for m in models:
+            if m.nms_candidates:  # pairs that went to NMS per timed inference (warm-up included)
+                out[m.spec]["infer"]["nms_candidates"] = m.nms_candidates
+            if m.torchvision_convs:
+                out[m.spec]["torchvision_convs"] = m.torchvision_convs
     if "train" in args.modes:
         for m in models:
             m.start_training(batch)
@@ -426,6 +506,7 @@ def _worker(args, *flags):
         "proposals_per_object",
         "warmup",
         "iters",
+        "nms_candidates",
     ):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     argv += ["--modes", ",".join(args.modes), *[str(o) for o in args.opts]]
@@ -438,13 +519,10 @@ def _worker(args, *flags):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _median_ratio(times, twin_times):
-    return statistics.median(a / b for a, b in zip(times, twin_times))
-
-
 def _row(key, label, group, twin, also, models, isolated):
     """A row of the JSON: medians, ratios to the twin (and to ``also``) from the same rounds."""
     row = {"config": key, "label": label, "group": group, "twin": twin}
+    peer = key + TV if key + TV in models else None
     for part in ("train", "infer", "backbone"):
         if part not in models[key]:
             continue
@@ -452,10 +530,21 @@ def _row(key, label, group, twin, also, models, isolated):
         entry = row[part] = {
             "median_s": statistics.median(mine["times"]),
             "twin_median_s": statistics.median(base["times"]),
-            "ratio": _median_ratio(mine["times"], base["times"]),
+            **bench_utils.ratio_entry("ratio", mine["times"], base["times"]),
         }
         for other in also:
-            entry[f"ratio_to_{other}"] = _median_ratio(mine["times"], models[other][part]["times"])
+            entry.update(
+                bench_utils.ratio_entry(
+                    f"ratio_to_{other}", mine["times"], models[other][part]["times"]
+                )
+            )
+        if peer and part in models[peer]:  # torchvision's op in the same model and rounds
+            theirs = models[peer][part]["times"]
+            entry["torchvision_median_s"] = statistics.median(theirs)
+            entry.update(bench_utils.ratio_entry("torchvision_ratio", theirs, mine["times"]))
+        if "nms_candidates" in mine:
+            entry["nms_candidates"] = statistics.median(mine["nms_candidates"])
+            entry["twin_nms_candidates"] = statistics.median(base["nms_candidates"])
         peaks = {}
         if isolated:
             peaks = {s: isolated[s].get(part) for s in (key, twin)}
@@ -520,6 +609,18 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model and mode")
     parser.add_argument("--iters", type=int, default=10, help="timed rounds")
     parser.add_argument(
+        "--nms-candidates",
+        type=int,
+        default=2000,
+        help="inference: (class, box) pairs per image that go to NMS (0: all, score threshold 0)",
+    )
+    parser.add_argument(
+        "--torchvision",
+        choices=["on", "off"],
+        default="on",
+        help="a peer of each mdconv row with torchvision's deform_conv2d in the same rounds",
+    )
+    parser.add_argument(
         "--impl", choices=["auto", "triton", "cuda"], help="DCNV2_CUDA_IMPL for the workers"
     )
     parser.add_argument(
@@ -557,7 +658,8 @@ def main(argv=None):
     groups = {}  # twin -> specs, twin first, each once
     for key, _, _, twin, also in rows:
         specs = groups.setdefault(twin, [twin])
-        specs += [s for s in (*also, key) if s not in specs]
+        peers = (key + TV,) if args.torchvision == "on" and "mdconv" in key else ()
+        specs += [s for s in (*also, key, *peers) if s not in specs]
     result = _header(args, memory)
     models, isolated = {}, {}
     for specs in groups.values():
@@ -591,22 +693,13 @@ def _re_size(size):
 
 
 def _header(args, memory):
-    import torch
-
-    if args.device == "cuda":
-        machine = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / GB:.0f} GB)"
-    else:
-        machine = f"CPU, {torch.get_num_threads()} threads"
     memory_note = {
         "inprocess": "peak = max_memory_allocated of the step above its start + the model's resident tensors",
         "isolated": "peak = one process per config (CUDA: max_memory_allocated; CPU: max RSS)",
         "off": "peak memory not measured",
     }[memory]
     return {
-        "machine": machine,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device": args.device,
+        **bench_utils.header(args.device),
         "impl": args.impl or os.environ.get("DCNV2_CUDA_IMPL") or "default",
         "size": args.size,
         "ims_per_batch": args.ims_per_batch,
@@ -615,9 +708,16 @@ def _header(args, memory):
         "iters": args.iters,
         "opts": [str(o) for o in args.opts],
         "memory": memory,
+        "nms_candidates": args.nms_candidates,
         "note": (
             f"{args.size} images, {args.ims_per_batch} per training step, {args.objects} objects each; "
-            f"{args.warmup} warm-up steps, {args.iters} rounds; random weights; {memory_note}"
+            + (
+                f"inference sends the {args.nms_candidates} top-scoring (class, box) pairs per image "
+                "to NMS (a pre-NMS top-k); "
+                if args.nms_candidates
+                else "inference sends every class of every proposal to NMS (score threshold 0); "
+            )
+            + f"{args.warmup} warm-up steps, {args.iters} rounds; random weights; {memory_note}"
         ),
     }
 
