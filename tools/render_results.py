@@ -25,6 +25,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_utils, beside this file
+import bench_utils  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 
@@ -191,29 +194,73 @@ def cpu_models(docs):
 
 
 GPU_MODELS = "benchmarks_model_cuda_h200.json"  # tools/benchmark_model.py on the card, seed rows
+GPU_MODELS_MORE = "benchmarks_model_cuda_h200_more.json"  # the same, --rows dcnv2,mimic
 
 
 def _pct(ratio):
     return f"{(ratio - 1) * 100:+.1f}%"
 
 
+def model_ratio(result, row, part, other=None):
+    """The ``ratio_entry("ratio", ...)`` of a benchmark_model row's ``part`` against its twin (or against
+    config ``other``): from the row where the tool recorded the spread, else recomputed from the
+    per-round times in ``result["models"]`` (files written before the spread was recorded)."""
+    prefix = "ratio" if other is None else f"ratio_to_{other}"
+    entry = row[part]
+    if f"{prefix}_q25" in entry:
+        return {k.replace(prefix, "ratio", 1): v for k, v in entry.items() if k.startswith(prefix)}
+    models = result.get("models", {})
+    base = row["twin"] if other is None else other
+    if row["config"] in models and base in models:
+        stats = bench_utils.ratio_entry(
+            "ratio", models[row["config"]][part]["times"], models[base][part]["times"]
+        )
+        if abs(stats["ratio"] - entry[prefix]) > 1e-9:
+            raise ValueError(
+                f"{row['config']} {part}: the JSON's {prefix} {entry[prefix]} is not the median "
+                f"of its per-round ratios ({stats['ratio']})"
+            )
+        return stats
+    return {"ratio": entry[prefix]}
+
+
+def _ratio(result, row, part, other=None):
+    return bench_utils.format_ratio(model_ratio(result, row, part, other))
+
+
+def _candidates(result):
+    if result.get("nms_candidates"):
+        return (
+            f"inference sent the {result['nms_candidates']} top-scoring (class, box) pairs per "
+            "image to NMS (a pre-NMS top-k)"
+        )
+    return (
+        "inference at score threshold 0: every class of all 1000 proposals went to NMS "
+        "(80,000 candidates per image, a heavier postprocess than a trained model's)"
+    )
+
+
 @renderer("gpu_models", "docs/results/gpu_models.md")
 def gpu_models(docs):
     """MMDetection's V100 figures and their ratio to MMDetection's plain R-50-FPN, beside ours and
-    our ratio to our plain twin (from the same rounds); ours pending until the JSON exists."""
+    our ratios to our plain twin (from the same rounds, with their 25-75% range, or "too noisy"
+    where the ratio of medians falls outside it); ours pending until the JSON exists."""
     mmdet = _load(docs, "benchmarks_model_mmdet_v100.json")
     ours = _load(docs, GPU_MODELS) if (Path(docs) / GPU_MODELS).is_file() else None
     rows = {r["config"]: r for r in ours["rows"]} if ours else {}
-    source = f"{ours['machine']}, torch {ours['torch']}; {ours['note']}." if ours else "pending."
+    source = (
+        f"{ours['machine']}, torch {ours['torch']}; {ours['note']}; {_candidates(ours)}."
+        if ours
+        else "pending."
+    )
     lines = [
         f"`docs/{GPU_MODELS}`: {source}",
         "",
         "| row | MMDetection Mem GB / fps | its plain | Mem / inference time vs plain "
-        "| ours Mem GB / fps | our plain twin | Mem / inference time vs twin | train s/iter vs twin "
-        "| our ratios lower |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ours Mem GB / fps | our plain twin | Mem vs twin | inference time vs twin "
+        "| backbone time vs twin | train s/iter vs twin |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    better = []
     for m in mmdet["rows"]:
         base = mmdet["baselines"][m["baseline"]]
         mem = m["mem_gb"] / base["mem_gb"]
@@ -226,25 +273,85 @@ def gpu_models(docs):
         ]
         r = rows.get(m["config"])
         if r is None:
-            cells += ["pending"] * 5
+            cells += ["pending"] * 6
         else:
             t, i = r["train"], r["infer"]
-            ok = t["memory_ratio"] <= mem and (slower is None or i["ratio"] <= slower)
-            better.append(ok)
             cells += [
                 f"{t['peak_gb']:.2f} / {i['fps']:.1f}",
                 f"{t['twin_peak_gb']:.2f} / {i['twin_fps']:.1f}",
-                f"{_pct(t['memory_ratio'])} / {_x(i['ratio'])}",
-                _x(t["ratio"]),
-                "yes" if ok else "**no**",
+                _pct(t["memory_ratio"]),
+                _ratio(ours, r, "infer"),
+                _ratio(ours, r, "backbone") if "backbone" in r else "-",
+                _ratio(ours, r, "train"),
             ]
         lines.append("| " + " | ".join(cells) + " |")
-    verdict = (
-        f"Our ratios at or below MMDetection's in {sum(better)} of {len(better)} rows."
-        if better
-        else "Our columns: pending the GPU run."
-    )
-    return "\n".join([*lines, "", verdict, ""])
+    return "\n".join([*lines, ""])
+
+
+@renderer("gpu_models_more", "docs/results/gpu_models.md")
+def gpu_models_more(docs):
+    """The mdconv + mdpool and mimicking rows (not in MMDetection's table): ours against the plain
+    twin, and the mimic rows against their model without the branch, from the same rounds."""
+    result = _load(docs, GPU_MODELS_MORE)
+    lines = [
+        f"`docs/{GPU_MODELS_MORE}`: {result['machine']}, torch {result['torch']}; "
+        f"{result['note']}; {_candidates(result)}.",
+        "",
+        "| row | Mem GB (twin) | train s/iter vs twin | inference time vs twin "
+        "| backbone time vs twin | train s/iter vs the row without mimicking |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        t = r["train"]
+        others = [k[len("ratio_to_") :] for k in t if k.startswith("ratio_to_")]
+        others = [o for o in others if not o.endswith(("_q25", "_q75", "_min", "_max", "_agrees"))]
+        others = [o for o in others if not o.endswith("_of_medians")]
+        lines.append(
+            f"| {r['label']} | {t['peak_gb']:.2f} ({t['twin_peak_gb']:.2f}) "
+            f"| {_ratio(result, r, 'train')} | {_ratio(result, r, 'infer')} "
+            f"| {_ratio(result, r, 'backbone')} "
+            f"| {_ratio(result, r, 'train', others[0]) if others else '-'} |"
+        )
+    return "\n".join([*lines, ""])
+
+
+PROFILE = "profile_cpu.json"  # tools/profile_model.py --json
+
+
+@renderer("profile", "docs/results/profile.md")
+def profile(docs):
+    """Per model and phase: the kinds of work (tools/profile_model.py) with kernel time, host
+    time and launches per step, the total, the wall time, and the GPU's idle time."""
+    result = _load(docs, PROFILE)
+    cuda = result["device"] == "cuda"
+    kernel = "kernel ms" if cuda else "op self ms"
+    launches = "kernel launches" if cuda else "op calls"
+    lines = [
+        f"`docs/{PROFILE}`: {result['machine']}, torch {result['torch']}, {result['date']}; "
+        f"`{result['command']}`; input {result['size']}, backbone at batch 1, training step at "
+        f"batch {result['ims_per_batch']}; {result['warmup']} warm-up steps, figures per step "
+        f"over {result['iters']} profiled steps.",
+        "",
+        f"| model | phase | wall ms | {kernel}: "
+        + " / ".join(result["categories"])
+        + f" | total | host ms: same order | total | {launches}: same order | total "
+        "| GPU idle ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in result["models"]:
+        for phase in ("backbone", "train"):
+            p = m[phase]
+            cat = [p["categories"][c] for c in result["categories"]]
+            idle = "n/a" if p["gpu_idle_ms"] is None else _ms(p["gpu_idle_ms"])
+            calls = " / ".join(f"{c['launches']:.0f}" for c in cat)
+            lines.append(
+                f"| {m['label']} | {phase} | {_ms(p['wall_ms'])} "
+                f"| {' / '.join(_ms(c['kernel_ms']) for c in cat)} | {_ms(p['total']['kernel_ms'])} "
+                f"| {' / '.join(_ms(c['host_ms']) for c in cat)} | {_ms(p['total']['host_ms'])} "
+                f"| {calls} "
+                f"| {p['total']['launches']:.0f} | {idle} |"
+            )
+    return "\n".join([*lines, ""])
 
 
 def render_text(text, page, docs=DOCS):
