@@ -1,237 +1,361 @@
 #!/usr/bin/env bash
-# One-command GPU check: installs the carried detectron2 wheels if detectron2 does not import,
-# builds the extension in place for the visible card, then runs the steps below, each under a time
-# limit and all within one budget (GPU_CHECK_BUDGET seconds, default 560,
-# so that the run fits one 10-minute device call with its start), writing each step's log and JSON
-# under OUTDIR as it finishes. With PACKDIR, after every step summary.txt, machine.txt, the model
-# benchmark JSON and OUTDIR packed as gpu_check.tar.gz are copied there (4 files), so a run cut
-# short still brings back what it measured.
+# The GPU check, in two phases, each meant for one device call. Steps run one at a time (no two
+# compile or autotune kernels at once), each under its own time limit, capped by what is left of
+# the phase's budget; a step whose time is gone is skipped and says so. Each step writes
+# OUTDIR/NAME.log (and its JSON) as it finishes and a line to OUTDIR/summary.txt: exit status,
+# seconds, limit, and on failure the last lines of its log.
 #
-#   tools/gpu_check.sh OUTDIR [PACKDIR]      # e.g. tools/gpu_check.sh /tmp/gpu_check "$OUT"
-#   tools/gpu_check.sh --plan                # print the steps and their limits; run nothing
+#   tools/gpu_check.sh [--phase user|cost] OUTDIR   # e.g. tools/gpu_check.sh --phase user "$OUT"
+#   tools/gpu_check.sh --plan                       # both phases' steps, limits and totals
+#   tools/gpu_check.sh --dry-run --phase user OUTDIR  # = GPU_CHECK_DEVICE=cpu: the rehearsal
 #
-# Steps (GPU_CHECK_STEPS selects and orders them; the limit of each is capped by what is left). By
-# default the correctness checks (triton ... fuzz) run first, concurrently (a word with commas is
-# such a group); then the timing steps (models, bench_ops, ...) run alone, one after another. If
-# the Triton tests fail on the card, every later step runs with DCNV2_CUDA_IMPL=cuda.
-#   models      tools/benchmark_model.py, training + inference, the seed's five rows and twins
-#   train_net   train_net.py --num-gpus 1 on CUDA, quick shapes mdconv+mdpool config, a short
-#               schedule evaluated through COCOEvaluator, then --eval-only on its checkpoint
-#   sanitizer   compute-sanitizer memcheck over a trimmed list of the CUDA op tests (the column
-#               kernels, DCNV2_CUDA_IMPL=cuda; none uses shared memory, so no racecheck)
-#   mimic       train_net.py as train_net, for the quick mimicking config
-#   d2_tests    test_amp.py, whose file needs detectron2 (its CUDA op, Pack and model cases)
-#   triton      the Triton kernels' tests on CUDA
-#   op_tests    test_cuda_path.py (device back-end), test_determinism.py, test_op_errors.py
-#   fuzz        test_fuzz_ops.py on CUDA, DCNV2_FUZZ_EXAMPLES (default 60) per test
-#   bench_ops   tools/benchmark_ops.py --device cuda: float16, bfloat16, float32 with TF32 on/off
-#   models_more tools/benchmark_model.py for the mdconv+mdpool and mimic rows
-#   models_impl tools/benchmark_model.py for the mdconv rows with DCNV2_CUDA_IMPL=cuda, =triton
+# Phase `user` (480 s, first): the extension built for the card, then what a user runs first:
+# train_net.py --num-gpus 1 on the quick mdconv+mdpool Mask R-CNN and on its mimicking twin (short
+# schedule, COCOEvaluator at the end), --eval-only on the checkpoint (its copypaste lines must equal
+# the final evaluation's), --resume to a later iteration (the log must start at the saved one),
+# the checkpoint evaluated on CUDA and CPU by tools/compare_devices.py; then the CUDA test suite
+# (every test whose skipif names CUDA), the Triton tests (DCNV2_CUDA_IMPL=triton), compute-sanitizer
+# memcheck of both ops on the column path and of the fused kernels, racecheck of the fused (Triton,
+# shared-memory) kernels, the fuzz suite on CUDA.
+# Phase `cost` (360 s): issue 23's measurements: the profile, the model benchmark, the op benchmark.
 #
-# Needs python3 with a CUDA build of torch, torchvision, nvcc, pytest (pytest-xdist used if there).
-# Environment: PYTHON (python3), MAX_JOBS (all cores), GPU_CHECK_WHEELS (.gpu_wheels: made by
-# dev/prepare_gpu_wheels.py), GPU_CHECK_ARCH (the visible card's compute capability, e.g. 9.0),
-# GPU_CHECK_BUDGET, GPU_CHECK_STEPS, GPU_CHECK_REPEAT (benchmark_ops rounds, 20).
+# GPU_CHECK_DEVICE=cpu (or --dry-run): no build, no CUDA; the train_net steps run with tiny
+# settings (64-px images, a few iterations, GPU_CHECK_VAL_IMAGES=8 validation images), the test
+# steps with a tiny selection (they skip for want of CUDA, which shows what they select), the
+# sanitizer steps are skipped ("needs a GPU"). tests/test_gpu_check.py runs it.
+#
+# Environment: GPU_CHECK_PHASE (user), GPU_CHECK_DEVICE (cuda), GPU_CHECK_BUDGET (the phase's),
+# GPU_CHECK_WORK (checkpoints and data set: $TMPDIR/gpu_check_work), GPU_CHECK_VAL_IMAGES (0 = all),
+# GPU_CHECK_WHEELS (.gpu_wheels, made by dev/prepare_gpu_wheels.py; installed when detectron2 does
+# not import), GPU_CHECK_ARCH (the card's compute capability), PYTHON (python3), MAX_JOBS (nproc).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+mode=run
+phase=${GPU_CHECK_PHASE:-user}
+dev=${GPU_CHECK_DEVICE:-cuda}
+out=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --plan) mode=plan ;;
+    --dry-run) dev=cpu ;;
+    --phase) phase=${2:?--phase: expected user or cost}; shift ;;
+    user | cost) phase=$1 ;;
+    -*) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
+    *) out=$1 ;;
+  esac
+  shift
+done
+case $phase in user | cost) ;; *) echo "GPU_CHECK_PHASE: expected user or cost, got '$phase'" >&2; exit 2 ;; esac
+case $dev in cuda | cpu) ;; *) echo "GPU_CHECK_DEVICE: expected cuda or cpu, got '$dev'" >&2; exit 2 ;; esac
+declare -A PHASE_BUDGET=([user]=480 [cost]=360)
+
 PY=${PYTHON:-python3}
-budget=${GPU_CHECK_BUDGET:-560}
-steps=${GPU_CHECK_STEPS:-triton,sanitizer,train_net,d2_tests,op_tests,fuzz mimic models bench_ops models_more models_impl}
-plan=0
-if [ "${1:-}" = "--plan" ]; then
-  plan=1
-  out=/tmp/gpu_check_plan
+work=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/gpu_check_work}
+wheels=${GPU_CHECK_WHEELS:-.gpu_wheels}
+site=$work/site
+declare -A rcs=()  # step -> exit status
+total=0
+
+if [ $mode = plan ]; then
+  summary=/dev/null out=OUTDIR
 else
-  out=${1:?usage: tools/gpu_check.sh OUTDIR [PACKDIR] | --plan}
-  mkdir -p "$out" && out=$(cd "$out" && pwd)
+  [ -n "$out" ] || { echo "usage: tools/gpu_check.sh [--phase user|cost] [--dry-run] OUTDIR | --plan" >&2; exit 2; }
+  mkdir -p "$out" "$work" && out=$(cd "$out" && pwd) && work=$(cd "$work" && pwd)
+  summary=$out/summary.txt
+  : >"$summary"
 fi
-pack=${2:-}
-t0=$(date +%s)
-work=${TMPDIR:-/tmp}/gpu_check_work
-summary="$out/summary.txt"
-[ $plan = 1 ] || : >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
 
-packup() {
-  [ -n "$pack" ] && [ "${bg:-0}" = 0 ] || return 0
-  mkdir -p "$pack"
-  cp "$summary" "$out/machine.txt" "$pack/" 2>/dev/null
-  cp "$out/models_seed.json" "$pack/" 2>/dev/null
-  tar czf "$pack/gpu_check.tar.gz" -C "$out" . 2>/dev/null
-}
-
-# step NAME LIMIT_S CMD...: runs CMD with the smaller of LIMIT_S and the seconds left in the
-# budget, appends its output to OUTDIR/NAME.log and a line (exit status, seconds) to summary.txt.
+# step NAME LIMIT CMD...: CMD under the smaller of LIMIT and what is left of the budget; its output
+# goes to OUTDIR/NAME.log, a line to summary.txt (on failure with the log's last lines).
 step() {
   local name=$1 limit=$2 start rc left
   shift 2
-  if [ $plan = 1 ]; then
-    printf '%-14s %4ss  %s\n' "$name" "$limit" "$*"
+  if [ $mode = plan ]; then
+    local cmd="$*"
+    cmd=${cmd//$'\n'/ }
+    [ ${#cmd} -gt 160 ] && cmd="${cmd:0:157}..."
+    printf '  %-26s %4s s  %s\n' "$name" "$limit" "$cmd"
+    total=$((total + limit))
     return 0
   fi
+  limit=$((limit * slack))
   left=$((budget - ($(date +%s) - t0)))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 10 ]; then
-    echo "$name: skipped, ${left}s of the budget left: $*" | tee -a "$summary"
-    return 124
+    note "$name: skipped, ${left} s of the ${budget} s budget left"
+    rcs[$name]=skipped
+    return 1
   fi
   start=$(date +%s)
-  echo "### [limit ${limit}s] $*" >>"$out/$name.log"
-  timeout -k 10 "$limit" "$@" >>"$out/$name.log" 2>&1  # the whole process group
+  echo "### [limit ${limit} s] $*" >"$out/$name.log"
+  timeout -k 10 "$limit" "$@" >>"$out/$name.log" 2>&1
   rc=$?
-  echo "$name: rc=$rc, $(($(date +%s) - start)) s (limit $limit): $*" | tee -a "$summary"
-  packup
+  rcs[$name]=$rc
+  local cmd="$*"
+  cmd=${cmd//$'\n'/ }
+  [ ${#cmd} -gt 300 ] && cmd="${cmd:0:297}..."
+  note "$name: rc=$rc, $(($(date +%s) - start)) s (limit $limit): $cmd"
+  if [ $rc != 0 ]; then
+    [ $rc = 124 ] && note "  (cut by its time limit)"
+    tail -n 15 "$out/$name.log" | sed 's/^/  | /' >>"$summary"
+  fi
   return $rc
 }
-# need_d2 NAME: true when detectron2 imports (or in --plan mode); else says NAME is skipped.
-need_d2() {
-  [ $plan = 1 ] && return 0
-  "$PY" -c "import detectron2" 2>/dev/null && return 0
-  echo "$1: skipped, detectron2 does not import (dev/prepare_gpu_wheels.py makes $wheels)" | tee -a "$summary"
+# after STEP NAME: true when STEP exited 0 (or in --plan); otherwise NAME is noted as skipped.
+after() {
+  [ $mode = plan ] || [ "${rcs[$1]:-}" = 0 ] && return 0
+  note "$2: skipped, $1 did not succeed (rc=${rcs[$1]:-not run})"
+  rcs[$2]=skipped
+  return 1
+}
+# gpu_only NAME: false on CPU (NAME noted as needing a GPU).
+gpu_only() {
+  [ $mode = plan ] || [ "$dev" = cuda ] && return 0
+  note "$1: skipped, needs a GPU"
   return 1
 }
 
-pytest_args=(-q -ra -p no:cacheprovider --durations=10)
-"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4) || xdist=()
+# pytest: failures kept (-ra: a line for every skip and failure with its reason; --tb=short).
+# -p cuda_only (written below): only the tests a skipif mark naming CUDA would skip without one.
+pytest_args=(-q -ra --tb=short -p no:cacheprovider --durations=5)
+cuda_only=(-p cuda_only --continue-on-collection-errors)
 
-# --------------------------------------------------------------------------------- environment
-if [ $plan = 0 ]; then
-  {
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    command -v nvcc && nvcc --version | tail -2
-    "$PY" -c "import sys, torch, torchvision; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-    "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
-  } >"$out/machine.txt" 2>&1
-fi
+# ------------------------------------------------------------------------------- environment
+if [ $mode = run ]; then
+  t0=$(date +%s)
+  # the CPU rehearsal: each limit (and the budget) times GPU_CHECK_SLACK (4 on CPU)
+  slack=${GPU_CHECK_SLACK:-$([ "$dev" = cpu ] && echo 4 || echo 1)}
+  budget=${GPU_CHECK_BUDGET:-$((PHASE_BUDGET[$phase] * slack))}
+  note "gpu_check.sh: phase $phase on $dev, budget $budget s, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null)"
+  rm -rf "$work"/{train,eval_only,mimic,resume,compare,plugins}
+  mkdir -p "$work/plugins"
+  cat >"$work/plugins/cuda_only.py" <<'EOF'
+"""pytest -p cuda_only: keep only the tests that a skipif mark whose reason names CUDA would skip
+on a machine without a CUDA device (written by tools/gpu_check.sh)."""
+import re
 
-wheels=${GPU_CHECK_WHEELS:-.gpu_wheels}
-site=$work/site
-if ! "$PY" -c "import detectron2" 2>/dev/null && [ -d "$wheels" ]; then
-  if [ $plan = 0 ]; then
-    rm -rf "$site" && mkdir -p "$site"
-    want=$(awk '$1 == "python" {print $2}' "$wheels/manifest.txt" 2>/dev/null)
-    have=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-    [ "$want" = "$have" ] || echo "wheels: $wheels was made for Python ${want:-?}, this is $have" | tee -a "$summary"
-  fi
-  step wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
-fi
-# the package is used from the source tree (built in place), not installed
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
-if [ $plan = 0 ]; then
-  "$PY" -c "import detectron2; print('detectron2', detectron2.__version__, detectron2.__file__)" >>"$out/machine.txt" 2>&1
-  arch=${GPU_CHECK_ARCH:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)}
-else
-  arch=${GPU_CHECK_ARCH:-"<the card's>"}
-fi
 
-if [ $plan = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-  echo "no CUDA device visible to $PY: nothing built, no step run (--plan prints them)" | tee -a "$summary"
-  packup
-  exit 2
-fi
+def pytest_collection_modifyitems(config, items):
+    def wants_cuda(item):
+        return any(
+            re.search("cuda", str(m.kwargs.get("reason", "")), re.IGNORECASE)
+            for m in item.iter_markers("skipif")
+        )
 
-# One architecture, the card's: the default list (every architecture torch was built for) would
-# multiply the build time.
-step build 120 env DCNV2_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" "$PY" setup.py build_ext --inplace ||
-  { [ $plan = 1 ] || { echo "build failed" | tee -a "$summary"; packup; exit 1; }; }
-
-# ----------------------------------------------------------------------------------- the steps
-models() {  # models ROWS NAME LIMIT [--impl X]
-  local rows=$1 name=$2 limit=$3
-  shift 3
-  step "$name" "$limit" "$PY" tools/benchmark_model.py --device cuda --rows "$rows" "$@" \
-    --json "$out/$name.json"
-}
-
-train_net() {  # train_net NAME CONFIG LIMIT: a short schedule + evaluation, then --eval-only
-  local name=$1 config=$2 limit=$3 dir="$work/$1"
-  local short=(MODEL.DEVICE cuda SOLVER.MAX_ITER 100 SOLVER.STEPS "(70,90)" SOLVER.WARMUP_ITERS 20
-    DATALOADER.NUM_WORKERS 4 OUTPUT_DIR "$dir")
-  step "$name" "$limit" env DETECTRON2_DATASETS="$work/datasets" \
-    "$PY" train_net.py --num-gpus 1 --config-file "$config" "${short[@]}" &&
-    step "${name}_eval" $((limit / 2)) env DETECTRON2_DATASETS="$work/datasets" \
-      "$PY" train_net.py --num-gpus 1 --eval-only --config-file "$config" "${short[@]}" \
-      MODEL.WEIGHTS "$dir/model_final.pth"
-}
-
-run_one() {  # run_one STEP
-  local s=$1
-  case $s in
-    models) need_d2 models && models seed models_seed 150 ;;
-    train_net) need_d2 train_net &&
-      train_net train_net configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_shapes.yaml 100 ;;
-    sanitizer)
-      sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-      step sanitizer 150 env DCNV2_CUDA_IMPL=cuda "$sanitizer" --tool memcheck --error-exitcode 99 \
-        "$PY" -m pytest tests/test_cuda_path.py "${pytest_args[@]}" -v -k \
-        "(matches_cpu_float64 and cuda- and float32) or non_contiguous_inputs[cuda] or batch_zero_and_empty_image[cuda]"
-      ;;
-    mimic) need_d2 mimic &&
-      train_net mimic configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_mimic_shapes.yaml 100 ;;
-    d2_tests) need_d2 d2_tests && step d2_tests 90 "$PY" -m pytest tests/test_amp.py \
-      "${pytest_args[@]}" "${xdist[@]}" ;;
-    triton) step triton 150 "$PY" -m pytest tests/test_triton_mdconv.py \
-      tests/test_triton_mdconv_backward.py "${pytest_args[@]}" "${xdist[@]}" -k "cuda or CUDA" ;;
-    op_tests) step op_tests 90 "$PY" -m pytest tests/test_cuda_path.py tests/test_determinism.py \
-      tests/test_op_errors.py "${pytest_args[@]}" "${xdist[@]}" ;;
-    fuzz) step fuzz 90 env DCNV2_FUZZ_EXAMPLES="${DCNV2_FUZZ_EXAMPLES:-60}" "$PY" -m pytest \
-      tests/test_fuzz_ops.py "${pytest_args[@]}" -k cuda ;;
-    bench_ops)
-      # --tf32 and --batch where benchmark_ops.py has them (it records the TF32 setting in the JSON)
-      if "$PY" tools/benchmark_ops.py --help 2>/dev/null | grep -q -- --tf32; then
-        for spec in "float16 off" "bfloat16 off" "float32 on" "float32 off"; do
-          read -r dtype tf32 <<<"$spec"
-          step bench_ops 50 "$PY" tools/benchmark_ops.py --device cuda --dtype "$dtype" \
-            --tf32 "$tf32" --batch 1,2 --repeat "${GPU_CHECK_REPEAT:-20}" \
-            --json "$out/bench_ops_${dtype}_tf32${tf32}.json"
-        done
-      else
-        for dtype in float16 bfloat16 float32; do
-          step bench_ops 50 "$PY" tools/benchmark_ops.py --device cuda --dtype "$dtype" \
-            --repeat "${GPU_CHECK_REPEAT:-20}" --json "$out/bench_ops_$dtype.json"
-        done
-      fi
-      ;;
-    models_more) need_d2 models_more && models dcnv2,mimic models_more 120 ;;
-    models_impl)
-      need_d2 models_impl || continue
-      for impl in cuda triton; do
-        models faster_rcnn_R50_FPN_mdconv,mask_rcnn_R50_FPN_mdconv "models_impl_$impl" 60 --impl "$impl"
-      done
-      ;;
-    *) echo "unknown step $s (GPU_CHECK_STEPS)" | tee -a "$summary" ;;
-  esac
-}
-
-# A word with commas is a group run concurrently (the correctness checks: they share the card and
-# do not time anything); a plain word runs alone (the timing steps). When the Triton tests fail
-# on the card, the steps after them run the column path (DCNV2_CUDA_IMPL=cuda), so that a broken
-# fused kernel costs its own figures only.
-for word in $steps; do
-  if [[ $word == *,* ]]; then
-    pids=()
-    for s in ${word//,/ }; do
-      (
-        bg=1
-        run_one "$s"
-        rc=$?
-        [ $plan = 1 ] || echo $rc >"$out/.rc_$s"
-      ) &
-      pids+=($!)
-    done
-    wait "${pids[@]}"
-    packup
+    keep = [item for item in items if wants_cuda(item)]
+    config.hook.pytest_deselected(items=[item for item in items if not wants_cuda(item)])
+    items[:] = keep
+EOF
+  if [ "$dev" = cuda ]; then
+    {
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+      command -v nvcc && nvcc --version | tail -2
+      command -v compute-sanitizer
+    } >"$out/machine.txt" 2>&1
   else
-    run_one "$word"
-    rc=$?
-    [ $plan = 1 ] || echo $rc >"$out/.rc_$word"
+    lscpu >"$out/machine.txt" 2>&1
   fi
-  if [ $plan = 0 ] && [ -f "$out/.rc_triton" ] && [ "$(cat "$out/.rc_triton")" != 0 ] &&
-    [ -z "${DCNV2_CUDA_IMPL:-}" ]; then
-    export DCNV2_CUDA_IMPL=cuda
-    echo "triton tests failed: the remaining steps run DCNV2_CUDA_IMPL=cuda" | tee -a "$summary"
+  "$PY" -c "import sys, torch, torchvision; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__, 'CUDA device:', torch.cuda.is_available() and torch.cuda.get_device_name())" >>"$out/machine.txt" 2>&1
+fi
+
+# the package is used from the source tree (built in place), not installed
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PYTHONPATH="$PWD:$work/plugins:$site${PYTHONPATH:+:$PYTHONPATH}"
+
+# prepare: the carried wheels where detectron2 does not import, the build for the card (CUDA only)
+prepare() {
+  [ $mode = plan ] || [ "$dev" = cuda ] || return 0
+  if [ $mode = plan ] || ! "$PY" -c "import detectron2" 2>/dev/null; then
+    [ $mode = run ] && rm -rf "$site" && mkdir -p "$site"
+    step wheels 15 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
   fi
-done
-[ $plan = 1 ] && { echo "budget ${budget}s; the limits above are capped by what is left of it"; exit 0; }
-echo "done in $(($(date +%s) - t0)) s: $out" | tee -a "$summary"
-packup
+  if [ $mode = run ]; then
+    "$PY" -c "import detectron2; print('detectron2', detectron2.__version__, detectron2.__file__)" >>"$out/machine.txt" 2>&1
+    if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+      note "no CUDA device visible to $PY: nothing built, no step run (GPU_CHECK_DEVICE=cpu rehearses on CPU)"
+      exit 2
+    fi
+  fi
+  local arch=${GPU_CHECK_ARCH:-"<the card's>"}
+  [ $mode = run ] && arch=${GPU_CHECK_ARCH:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+  # one architecture, the card's: the default list (every one torch was built for) would
+  # multiply the build time
+  step build 50 env DCNV2_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" "$PY" setup.py build_ext --inplace ||
+    { note "build failed: no step run"; exit 1; }
+}
+
+# ------------------------------------------------------------------------------ phase user
+QUICK=configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_shapes.yaml
+MIMIC=configs/quick_schedules/mask_rcnn_R50_FPN_dcnv2_mimic_shapes.yaml
+if [ "$dev" = cuda ]; then
+  iters=60 more=70 val=${GPU_CHECK_VAL_IMAGES:-0}
+  sched=(SOLVER.MAX_ITER $iters SOLVER.STEPS "(40,50)" SOLVER.WARMUP_ITERS 20 SOLVER.CHECKPOINT_PERIOD 30)
+  tiny=()
+  threads=(--devices cuda,cpu)
+  cuda_tests=(tests)
+  triton_tests=(tests/test_triton_mdconv.py tests/test_triton_mdconv_backward.py)
+else
+  iters=4 more=6 val=${GPU_CHECK_VAL_IMAGES:-8}
+  sched=(SOLVER.MAX_ITER $iters SOLVER.STEPS "(3,)" SOLVER.WARMUP_ITERS 2 SOLVER.CHECKPOINT_PERIOD 2)
+  # 64-px images, few proposals and RoIs, two images a step, every box kept (random weights
+  # score below the 0.05 default)
+  tiny=(INPUT.MIN_SIZE_TRAIN "(64,)" INPUT.MAX_SIZE_TRAIN 64 INPUT.MIN_SIZE_TEST 64 INPUT.MAX_SIZE_TEST 64
+    MODEL.RPN.PRE_NMS_TOPK_TRAIN 200 MODEL.RPN.POST_NMS_TOPK_TRAIN 64 MODEL.RPN.PRE_NMS_TOPK_TEST 50
+    MODEL.RPN.POST_NMS_TOPK_TEST 10 MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 32 SOLVER.IMS_PER_BATCH 2
+    MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0 TEST.DETECTIONS_PER_IMAGE 20)
+  threads=(--devices cpu,cpu --threads 1,2)
+  cuda_tests=(tests/test_op_errors.py tests/test_determinism.py)
+  triton_tests=(tests/test_triton_mdconv_backward.py)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+data=(env DETECTRON2_DATASETS="$work/datasets")
+train_net=("${data[@]}" "$PY" train_net.py --num-gpus 1)
+opts=(MODEL.DEVICE "$dev" "${tiny[@]}" "${sched[@]}")
+
+# copypaste LOG: Detectron2's copypaste lines of the last evaluation in LOG (bbox and segm)
+copypaste() { grep -o 'copypaste: .*' "$1" 2>/dev/null | tail -n 6; }
+
+# check NAME OK DETAIL...: a verdict line in the summary (no command, no limit)
+check() {
+  local name=$1 ok=$2
+  shift 2
+  [ $mode = plan ] && { printf '  %-26s    -    %s\n' "$name" "$*"; return 0; }
+  if [ "$ok" = 1 ]; then note "$name: PASS $1"; rcs[$name]=0; else note "$name: FAIL $1"; rcs[$name]=1; fi
+  shift
+  for line in "$@"; do note "  $line"; done
+}
+
+user_phase() {
+  step data 15 "${data[@]}" "$PY" -c "
+import json, os, sys
+from projects_dcnv2.data.shapes import generate_shapes_dataset
+root, n = generate_shapes_dataset(), $val
+path = os.path.join(root, 'annotations', 'instances_val.json')
+coco = json.load(open(path))
+if n and len(coco['images']) > n:  # the first n validation images only (a rehearsal)
+    coco['images'] = coco['images'][:n]
+    keep = {im['id'] for im in coco['images']}
+    coco['annotations'] = [a for a in coco['annotations'] if a['image_id'] in keep]
+    json.dump(coco, open(path, 'w'))
+print(root, len(coco['images']), 'validation images')"
+
+  step train 50 "${train_net[@]}" --config-file $QUICK "${opts[@]}" OUTPUT_DIR "$work/train"
+  if after train eval_only; then
+    step eval_only 25 "${train_net[@]}" --eval-only --config-file $QUICK "${opts[@]}" \
+      MODEL.WEIGHTS "$work/train/model_final.pth" OUTPUT_DIR "$work/eval_only"
+    if [ $mode = plan ]; then
+      check ap_equal - "the copypaste lines of train.log's final evaluation == eval_only.log's"
+    else
+      local a b
+      a=$(copypaste "$out/train.log") b=$(copypaste "$out/eval_only.log")
+      if [ -n "$a" ] && [ "$a" = "$b" ]; then
+        check ap_equal 1 "--eval-only on model_final.pth prints the final evaluation's copypaste lines" \
+          "train = eval_only: ${a//$'\n'/$'\n  train = eval_only: '}"
+      else
+        check ap_equal 0 "--eval-only's copypaste lines differ from the final evaluation's (or are missing)" \
+          "train: ${a//$'\n'/$'\n  train: '}" "eval_only: ${b//$'\n'/$'\n  eval_only: '}"
+      fi
+    fi
+  fi
+
+  step mimic 50 "${train_net[@]}" --config-file $MIMIC "${opts[@]}" OUTPUT_DIR "$work/mimic"
+  if [ $mode = run ] && [ "${rcs[mimic]}" = 0 ]; then
+    local m
+    m=$(copypaste "$out/mimic.log")
+    note "  mimic: ${m//$'\n'/$'\n  mimic: '}"
+  fi
+
+  if after train resume; then
+    # a copy of the training folder, so that the checkpoint compared below stays as trained
+    [ $mode = run ] && mkdir -p "$work/resume" && cp "$work/train"/{model_final.pth,last_checkpoint} "$work/resume/"
+    step resume 35 "${train_net[@]}" --resume --config-file $QUICK "${opts[@]}" SOLVER.MAX_ITER $more \
+      OUTPUT_DIR "$work/resume"
+    if [ $mode = plan ]; then
+      check resume_continues - "resume.log: 'Starting training from iteration $iters', then iteration $((more - 1)) saved"
+    else
+      local start
+      start=$(grep -o 'Starting training from iteration [0-9]*' "$out/resume.log" | head -n 1)
+      local saved
+      saved=$("$PY" -c "import torch; print(torch.load('$work/resume/model_final.pth', map_location='cpu', weights_only=False)['iteration'])" 2>/dev/null)
+      [ "$start" = "Starting training from iteration $iters" ] && [ "$saved" = $((more - 1)) ]
+      check resume_continues $((1 - $?)) "--resume from iteration $iters (the saved one) to $more" \
+        "resume.log: '${start:-no start line}'; model_final.pth after it: iteration ${saved:-?}"
+    fi
+  fi
+
+  if after train compare; then
+    step compare 70 "${data[@]}" "$PY" tools/compare_devices.py --config-file $QUICK "${threads[@]}" --images 4 \
+      --json "$out/compare.json" "${opts[@]:2}" MODEL.WEIGHTS "$work/train/model_final.pth"
+    [ $mode = run ] && note "  $(grep -h 'compare_devices: ' "$out/compare.log" | tail -n 1)"
+  fi
+
+  # the CUDA test suite: every test whose skipif names CUDA (the Triton and fuzz files apart)
+  step cuda_tests 45 "$PY" -m pytest "${cuda_tests[@]}" "${pytest_args[@]}" "${cuda_only[@]}" \
+    --ignore=tests/test_fuzz_ops.py --ignore=tests/test_triton_mdconv.py \
+    --ignore=tests/test_triton_mdconv_backward.py --ignore=tests/test_gpu_check.py
+  step triton_tests 40 env DCNV2_CUDA_IMPL=triton "$PY" -m pytest "${triton_tests[@]}" \
+    "${pytest_args[@]}" "${cuda_only[@]}"
+
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  local column_cases="(matches_cpu_float64 and cuda- and float32) or non_contiguous_inputs[cuda] or batch_zero_and_empty_image[cuda]"
+  local fused_cases="(cpu_float64 and cuda-awkward-float32) or non_contiguous_inputs or batch_zero"
+  local fused_files=(tests/test_triton_mdconv.py tests/test_triton_mdconv_backward.py)
+  # both ops (mdconv, mdpool) on the column path; the fused (Triton) mdconv forward and backward
+  gpu_only memcheck && step memcheck 25 env DCNV2_CUDA_IMPL=cuda "$sanitizer" --tool memcheck \
+    --error-exitcode 99 "$PY" -m pytest tests/test_cuda_path.py "${pytest_args[@]}" -k "$column_cases"
+  gpu_only memcheck_fused && step memcheck_fused 20 env DCNV2_CUDA_IMPL=triton "$sanitizer" \
+    --tool memcheck --error-exitcode 99 "$PY" -m pytest "${fused_files[@]}" "${pytest_args[@]}" \
+    "${cuda_only[@]}" -k "$fused_cases"
+  # the Triton kernels stage tiles in shared memory (the .cu kernels use none)
+  gpu_only racecheck && step racecheck 20 env DCNV2_CUDA_IMPL=triton "$sanitizer" --tool racecheck \
+    --error-exitcode 99 "$PY" -m pytest "${fused_files[@]}" "${pytest_args[@]}" "${cuda_only[@]}" \
+    -k "$fused_cases"
+
+  step fuzz 15 env DCNV2_FUZZ_EXAMPLES="${DCNV2_FUZZ_EXAMPLES:-$([ "$dev" = cuda ] && echo 30 || echo 2)}" \
+    "$PY" -m pytest tests/test_fuzz_ops.py "${pytest_args[@]}" -k cuda
+}
+
+# ------------------------------------------------------------------------------ phase cost
+cost_phase() {
+  if [ "$dev" = cpu ]; then  # the rehearsal: the same commands at toy sizes
+    local model_extra=(--size 64x96 --objects 2 --warmup 1 --iters 1) ops_extra=(--repeat 1 --stages c5)
+  else
+    local model_extra=() ops_extra=()
+  fi
+  # ==================== the measurement commands (issue 23): adjust flags here ====================
+  if [ -f tools/profile_model.py ] || [ $mode = plan ]; then
+    step profile 50 "$PY" tools/profile_model.py --device "$dev" --json "$out/profile.json"
+  else
+    note "profile: skipped, tools/profile_model.py is not in this tree"
+  fi
+  step models_seed 75 "$PY" tools/benchmark_model.py --device "$dev" --rows seed "${model_extra[@]}" \
+    --json "$out/models_seed.json"
+  step models_dcnv2 40 "$PY" tools/benchmark_model.py --device "$dev" --rows mask_rcnn_R50_FPN_dcnv2 \
+    "${model_extra[@]}" --json "$out/models_dcnv2.json"
+  for spec in "float16 on" "bfloat16 on" "float32 on" "float32 off"; do
+    read -r dtype tf32 <<<"$spec"
+    step "bench_ops_${dtype}_tf32$tf32" 30 "$PY" tools/benchmark_ops.py --device "$dev" --dtype "$dtype" \
+      --tf32 "$tf32" --batch 1,2 --repeat 20 "${ops_extra[@]}" --json "$out/bench_ops_${dtype}_tf32$tf32.json"
+  done
+  # ================================================================================================
+}
+
+if [ $mode = plan ]; then
+  for phase in user cost; do
+    total=0
+    echo "phase $phase (one device call; budget ${PHASE_BUDGET[$phase]} s; steps run one at a time, in this order):"
+    prepare
+    ${phase}_phase
+    echo "  total of the limits: $total s of the ${PHASE_BUDGET[$phase]} s budget"
+    [ $total -le "${PHASE_BUDGET[$phase]}" ] || echo "  OVER BUDGET"
+  done
+  exit 0
+fi
+prepare
+${phase}_phase
+failed=$(for k in "${!rcs[@]}"; do [ "${rcs[$k]}" = 0 ] || [ "${rcs[$k]}" = skipped ] || echo "$k"; done | sort | tr '\n' ' ')
+note "done in $(($(date +%s) - t0)) s; failed: ${failed:-none}"
+[ -z "$failed" ]
