@@ -195,17 +195,26 @@ def proposals_around_objects(per_object, seed=0):
 def use_torchvision_deform_conv(model):
     """Makes every ``ModulatedDeformConv2d`` of ``model`` call torchvision's ``deform_conv2d``
     with its own weights (offsets [group][tap](dy, dx) and masks [group][tap], the layout both
-    ops share), followed by the module's ``norm`` where it has one. Returns how many it swapped."""
+    ops share), followed by the module's ``norm`` where it has one; float16 and bfloat16 inputs
+    run in float32, as torchvision's own autocast runs them. Returns how many it swapped."""
     import types
 
+    import torch
     import torchvision
 
     from projects_dcnv2.layers import ModulatedDeformConv2d
 
     def forward(self, x, offset, mask):
-        y = torchvision.ops.deform_conv2d(
-            x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
-        )
+        # torchvision's autocast runs the op in float32 and casts back (its CPU kernel has no
+        # bfloat16): do that here too, so that the bfloat16 autocast step on CPU runs
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(x.device.type, enabled=False):
+            args = [t.float() if low and t is not None else t for t in (x, offset, mask)]
+            weight = self.weight.to(args[0].dtype)
+            bias = None if self.bias is None else self.bias.to(args[0].dtype)
+            y = torchvision.ops.deform_conv2d(
+                args[0], args[1], weight, bias, self.stride, self.padding, self.dilation, args[2]
+            ).to(x.dtype)
         norm = getattr(self, "norm", None)
         return norm(y) if norm is not None else y
 
