@@ -186,3 +186,27 @@ def test_limit_nms_candidates_keeps_the_top_k():
     assert counts == [37]
     scores = logits.softmax(-1)[:, :-1].flatten().sort(descending=True).values
     assert scores[36] > predictor.test_score_thresh >= scores[37]
+
+
+# ------------------------------------------------------------- benchmark_ops --host-overhead
+def test_benchmark_ops_host_overhead_mode(tmp_path):
+    """The tiny-call mode's rows (figures are not checked: the coordinator records them): every
+    implementation and mode, per-call microseconds, each ratio within its own spread."""
+    ops = _load_tool("benchmark_ops")
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "host.json"
+        ops.main(["--host-overhead", "--calls", "3", "--repeat", "3", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    import json
+
+    result = json.loads(out.read_text())
+    rows = [r for r in result["host_overhead"] if r["device"] == "cpu"]
+    assert [r["mode"] for r in rows] == ["grad", "no_grad", "inference_mode"]
+    for r in rows:
+        assert min(r["conv2d_us"], r["ours_us"], r["torchvision_us"]) > 0
+        for name in ("ours/conv2d", "torchvision/ours"):
+            assert r[f"{name}_min"] <= r[f"{name}_q25"] <= r[name] <= r[f"{name}_q75"]
+            assert r[f"{name}_q75"] <= r[f"{name}_max"]
+    assert "one thread" in result["timing"] and result["machine"]

@@ -178,3 +178,22 @@ def peak_bytes_above(fn, device):
     result = fn()
     torch.cuda.synchronize()
     return result, torch.cuda.max_memory_allocated() - base
+
+
+def kernel_ms(fn, device, calls=10):
+    """Milliseconds of device kernel time per call of ``fn`` (CUDA: the kernels' durations from
+    ``torch.profiler`` over ``calls`` back-to-back calls, host time left out); None on CPU, where
+    only the per-call wall time exists."""
+    if device != "cuda":
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    device_us = sum(e.self_device_time_total for e in prof.events() if e.device_type.name == "CPU")
+    return device_us / 1e3 / calls

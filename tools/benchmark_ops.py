@@ -27,9 +27,9 @@ fused kernels) and ``torch.backends.cuda.matmul.allow_tf32`` (the column path's 
 
 import argparse
 import json
-import platform
+import os
 import statistics
-import time
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -37,34 +37,26 @@ import torchvision
 
 from projects_dcnv2.layers import deform_roi_pool, modulated_deform_conv2d
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_utils, beside this file
+import bench_utils  # noqa: E402
+
 STAGES = {"c3": (128, 100, 152), "c4": (256, 50, 76), "c5": (512, 25, 38)}
 STAGES_TINY = {"c3": (16, 6, 5), "c4": (16, 3, 4), "c5": (32, 2, 2)}  # --fused-on-cpu
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _once(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
+_once = bench_utils.once
 
 
 def _time_rounds(fns, device, repeat, warmup=2):
-    """Times the functions in turn, round after round, so that a noisy spell of a shared machine hits
-    all of them alike. Returns per-function lists of times."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {key: [] for key in fns}
-    for _ in range(repeat):
-        for key, fn in fns.items():
-            times[key].append(_once(fn, device))
-    return times
+    """``bench_utils.time_rounds``: the functions in turn, round after round, so that a noisy spell
+    of a shared machine hits all of them alike. Returns per-function lists of times."""
+    return bench_utils.time_rounds(fns, device, repeat, warmup)
+
+
+def _ratio(row, name, times, base_times):
+    """``row[name]``: the median of the per-round ratios, with its spread and agreement check
+    (``bench_utils.ratio_entry``)."""
+    row.update(bench_utils.ratio_entry(name, times, base_times))
 
 
 def _keep_freed_memory():
@@ -85,22 +77,11 @@ def _keep_freed_memory():
     )
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
     kernels = torch.ops.dcnv2._cpu_kernels()
-    return f"{_cpu_name()}, {torch.get_num_threads()} threads, {kernels} CPU loops"
+    return f"{bench_utils.cpu_name()}, {torch.get_num_threads()} threads, {kernels} CPU loops"
 
 
 def _onnxruntime():
@@ -159,9 +140,7 @@ def bench_onnxruntime_conv(ort, x, offset, mask, weight, dg, repeat):
     return {
         "onnxruntime_fwd_ms": 1e3 * statistics.median(times["onnxruntime"]),
         "ours_fwd_ms_onnxruntime_rounds": 1e3 * statistics.median(times["ours"]),
-        "onnxruntime/ours_fwd": statistics.median(
-            a / b for a, b in zip(times["onnxruntime"], times["ours"])
-        ),
+        **bench_utils.ratio_entry("onnxruntime/ours_fwd", times["onnxruntime"], times["ours"]),
     }
 
 
@@ -218,9 +197,7 @@ def bench_onnxruntime_model(ort, repeat, size=(800, 1216)):
         "shape": f"ResNet-50-FPN, mdconv c3-c5, 1x3x{size[0]}x{size[1]}",
         "eager_ms": 1e3 * statistics.median(times["eager"]),
         "onnxruntime_ms": 1e3 * statistics.median(times["onnxruntime"]),
-        "onnxruntime/eager": statistics.median(
-            a / b for a, b in zip(times["onnxruntime"], times["eager"])
-        ),
+        **bench_utils.ratio_entry("onnxruntime/eager", times["onnxruntime"], times["eager"]),
         "max_relative_difference": error,
     }
 
@@ -258,12 +235,8 @@ def bench_conv(name, channels, h, w, dg, device, dtype, repeat, ort=None):
         row[f"conv2d_{phase}_ms"] = 1e3 * statistics.median(conv["conv2d"])
         row[f"torchvision_{phase}_ms"] = 1e3 * statistics.median(tv["torchvision"])
         # ratios: medians of the per-round ratios (the two cases of a round ran back to back)
-        row[f"ours/conv2d_{phase}"] = statistics.median(
-            a / b for a, b in zip(conv["ours"], conv["conv2d"])
-        )
-        row[f"torchvision/ours_{phase}"] = statistics.median(
-            a / b for a, b in zip(tv["torchvision"], tv["ours"])
-        )
+        _ratio(row, f"ours/conv2d_{phase}", conv["ours"], conv["conv2d"])
+        _ratio(row, f"torchvision/ours_{phase}", tv["torchvision"], tv["ours"])
     if ort is not None:
         row.update(bench_onnxruntime_conv(ort, x, offset, mask, weight, dg, repeat))
     return row
@@ -332,6 +305,11 @@ def _nbytes(result):
 
 
 IMPLS = ("triton", "cuda", "torchvision", "conv2d")
+TIMING = {
+    "cuda": "ms: wall time per synchronised call (host and kernels); kernel_ms: the kernels' "
+    "durations from torch.profiler over 10 back-to-back calls",
+    "cpu": "ms: wall time per call (the op runs on the host: no separate kernel time)",
+}
 
 
 def bench_conv_fused(name, channels, h, w, dg, batch, device, dtype, repeat):
@@ -372,6 +350,8 @@ def bench_conv_fused(name, channels, h, w, dg, batch, device, dtype, repeat):
         times = _time_rounds(fns, device, repeat)
         for key in times:
             row[f"{key}_{phase}_ms"] = 1e3 * statistics.median(times[key])
+            # the kernels' own time (host time left out); None off CUDA
+            row[f"{key}_{phase}_kernel_ms"] = bench_utils.kernel_ms(fns[key], device)
         # ratios: medians of the per-round ratios of these same rounds
         for a, b in (
             ("triton", "conv2d"),
@@ -382,9 +362,7 @@ def bench_conv_fused(name, channels, h, w, dg, batch, device, dtype, repeat):
         ):
             if a not in times or b not in times:
                 continue
-            row[f"{a}/{b}_{phase}"] = statistics.median(
-                ta / tb for ta, tb in zip(times[a], times[b])
-            )
+            _ratio(row, f"{a}/{b}_{phase}", times[a], times[b])
     row["output_mb"] = batch * channels * h * w * x.element_size() / 2**20
     return row
 
@@ -413,6 +391,7 @@ def main_fused(args, dtype):
         "torchvision": torchvision.__version__,
         "triton": _triton_version(),
         "repeat": args.repeat,
+        "timing": TIMING[device],
         "fused": [],
     }
     print(
@@ -426,6 +405,7 @@ def main_fused(args, dtype):
         "N",
         "phase",
         "ms triton / cuda / tv / conv2d",
+        "kernel ms triton / cuda / tv / conv2d",
         "triton/conv2d",
         "tv/triton",
         "cuda/triton",
@@ -440,6 +420,7 @@ def main_fused(args, dtype):
                 result["fused"].append(r)
                 for ph in ("fwd", "fwdbwd"):
                     ms = " / ".join(_fmt(r.get(f"{k}_{ph}_ms"), ".3f") for k in IMPLS)
+                    kms = " / ".join(_fmt(r.get(f"{k}_{ph}_kernel_ms"), ".3f") for k in IMPLS)
                     mb = " / ".join(_fmt(r.get(f"{k}_{ph}_extra_mb"), ".1f") for k in IMPLS[:3])
                     ratios = " | ".join(
                         _fmt(r.get(f"{a}/{b}_{ph}"), ".2f", "x")
@@ -450,7 +431,7 @@ def main_fused(args, dtype):
                         )
                     )
                     print(
-                        f"| {name} | {dg} | {batch} | {ph} | {ms} | {ratios} "
+                        f"| {name} | {dg} | {batch} | {ph} | {ms} | {kms} | {ratios} "
                         f"| {mb} | {r[f'triton_{ph}_first_call_s']:.2f} |",
                         flush=True,
                     )
@@ -515,14 +496,76 @@ def bench_pool(device, dtype, repeat, num_rois=1000):
         "shape": f"P2-P5, {num_rois} RoIs",
         "ours_ms": 1e3 * statistics.median(times["ours"]),
         "roi_align_ms": 1e3 * statistics.median(times["roi_align"]),
-        "ours/roi_align": statistics.median(
-            a / b for a, b in zip(times["ours"], times["roi_align"])
-        ),
+        **bench_utils.ratio_entry("ours/roi_align", times["ours"], times["roi_align"]),
     }
     return row
 
 
-def main():
+def host_overhead(device, calls=2000, repeat=7):
+    """Per-call time of tiny calls (1x4x5x5 input, 3x3 weight, padding 1, one thread), where the
+    work is all host overhead: our functional op vs ``F.conv2d`` vs torchvision's
+    ``deform_conv2d`` (with mask), under grad, no_grad and inference_mode. Each round times
+    ``calls`` back-to-back calls of each (synchronised at the end on CUDA). Returns the rows."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, w, off = (torch.randn(s, generator=g) for s in ((1, 4, 5, 5), (4, 4, 3, 3), (1, 18, 5, 5)))
+    m = torch.rand(1, 9, 5, 5, generator=g)
+    x, w, off, m = (t.to(device).requires_grad_() for t in (x, w, off, m))
+    cases = {
+        "conv2d": lambda: F.conv2d(x, w, None, 1, 1),
+        "ours": lambda: modulated_deform_conv2d(x, off, m, w, None, 1, 1),
+        "torchvision": lambda: torchvision.ops.deform_conv2d(x, off, w, None, 1, 1, 1, m),
+    }
+
+    def many(fn):
+        def run():
+            for _ in range(calls):
+                fn()
+
+        return run
+
+    rows = []
+    modes = {"grad": torch.enable_grad, "no_grad": torch.no_grad}
+    modes["inference_mode"] = torch.inference_mode
+    for mode, context in modes.items():
+        with context():
+            times = bench_utils.time_rounds(
+                {k: many(fn) for k, fn in cases.items()}, device, repeat, warmup=1, rotate=True
+            )
+        row = {"device": device, "mode": mode, "calls": calls}
+        for key, t in times.items():
+            row[f"{key}_us"] = 1e6 * statistics.median(t) / calls
+        _ratio(row, "ours/conv2d", times["ours"], times["conv2d"])
+        _ratio(row, "torchvision/ours", times["torchvision"], times["ours"])
+        rows.append(row)
+    return rows
+
+
+def main_host_overhead(args):
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    result = {
+        **bench_utils.header(args.device),
+        "timing": "us: wall time per call, median over rounds of back-to-back calls, one thread",
+        "host_overhead": [],
+    }
+    _print_table_header(("device", "mode", "us: conv2d / ours / torchvision", "ours / conv2d",
+                         "torchvision / ours"))  # fmt: skip
+    for device in devices:
+        for r in host_overhead(device, args.calls, args.repeat):
+            result["host_overhead"].append(r)
+            print(
+                f"| {device} | {r['mode']} | {r['conv2d_us']:.1f} / {r['ours_us']:.1f} / "
+                f"{r['torchvision_us']:.1f} | {bench_utils.format_ratio(r, 'ours/conv2d')} "
+                f"| {bench_utils.format_ratio(r, 'torchvision/ours')} |",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -546,9 +589,25 @@ def main():
         choices=["on", "off"],
         help="CUDA, float32: TF32 products for conv2d, the fused kernels and the column path",
     )
+    parser.add_argument(
+        "--host-overhead",
+        action="store_true",
+        help="tiny calls (1x4x5x5, 3x3), one thread: ours vs F.conv2d vs torchvision, on CPU and "
+        "(where present) CUDA, under grad, no_grad and inference_mode",
+    )
+    parser.add_argument(
+        "--calls", type=int, default=2000, help="--host-overhead: calls per timed round"
+    )
     # hidden: the CUDA table's code on CPU tensors at a tiny size, with TRITON_INTERPRET=1 set
     parser.add_argument("--fused-on-cpu", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat: expected at least 1, got {args.repeat}")
+    if args.host_overhead:
+        if args.calls < 1:
+            parser.error(f"--calls: expected at least 1, got {args.calls}")
+        main_host_overhead(args)
+        return
     dtype = getattr(torch, args.dtype)
     if args.device == "cuda" or args.fused_on_cpu:
         main_fused(args, dtype)
@@ -562,6 +621,7 @@ def main():
         "dtype": args.dtype,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        "timing": TIMING[args.device],
         "conv": [],
         "pool": None,
         "freed_memory_kept": kept,

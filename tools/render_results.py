@@ -89,8 +89,8 @@ def _conv_table(rows):
             times = (r[f"ours_{phase}_ms"], r[f"conv2d_{phase}_ms"], r[f"torchvision_{phase}_ms"])
             cells += [
                 " / ".join(_ms(t) for t in times),
-                _x(r[f"ours/conv2d_{phase}"]),
-                _x(r[f"torchvision/ours_{phase}"]),
+                bench_utils.format_ratio(r, f"ours/conv2d_{phase}"),
+                bench_utils.format_ratio(r, f"torchvision/ours_{phase}"),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -101,7 +101,7 @@ def _pool_table(pool):
         "| mdpool (both passes, no FCs) | ours ms | `roi_align` ms | ours / `roi_align` |",
         "|---|---|---|---|",
         f"| {pool['shape']} | {_ms(pool['ours_ms'])} | {_ms(pool['roi_align_ms'])} "
-        f"| {_x(pool['ours/roi_align'])} |",
+        f"| {bench_utils.format_ratio(pool, 'ours/roi_align')} |",
     ]
 
 
