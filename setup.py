@@ -127,6 +127,9 @@ def _extension():
     sources = [os.path.join(CSRC, "extension.cpp")]
     sources += sorted(glob.glob(os.path.join(CSRC, "ops", "*.cpp")))
     sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cpu", "*.cpp")))
+    # the Autograd and Autocast kernels (C++: no Python between the dispatcher and the kernels)
+    sources += sorted(glob.glob(os.path.join(CSRC, "ops", "autograd", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join(CSRC, "ops", "autocast", "*.cpp")))
     if _env_flag("DCNV2_BUILD_EMULATED_CUDA"):
         # The CUDA kernels and their operators compiled for the host, nvcc or not: the test-only
         # _emulated_cuda_* ops that run the CUDA path on every machine (make setup asks for them).

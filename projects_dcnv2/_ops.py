@@ -1,8 +1,10 @@
-"""Loads the C++/CUDA extension once and registers, for every dcnv2 operator, its fake (meta) kernel,
-its autograd formula (through the separate ``_*_backward`` operator) and its autocast behaviour.
+"""Loads the C++/CUDA extension once and registers, for every dcnv2 operator, its fake (meta) kernel.
 
-The kernels themselves are registered by the extension (``csrc/``); after this module is imported
-they are reachable as ``torch.ops.dcnv2.modulated_deform_conv2d`` and ``torch.ops.dcnv2.deform_roi_pool``.
+Everything on the hot path is registered by the extension, in C++ (``csrc/``): the CPU and CUDA
+kernels, the autograd formulas (through the separate ``_*_backward`` operators) and the autocast
+kernels. The fake kernels are Python (they run only while tracing). After this module is imported
+the operators are reachable as ``torch.ops.dcnv2.modulated_deform_conv2d`` and
+``torch.ops.dcnv2.deform_roi_pool``; the opt-in fused Triton operators are in ``_triton_ops.py``.
 """
 
 import torch
@@ -58,30 +60,10 @@ def _mdconv_backward_fake(grad, input, offset, mask, weight, bias, *params):
     )
 
 
-def _mdconv_setup_context(ctx, inputs, output):
-    input, offset, mask, weight, bias, *params = inputs
-    ctx.save_for_backward(input, offset, mask, weight, bias)
-    ctx.params = params
-
-
-def _mdconv_backward(ctx, grad):
-    input, offset, mask, weight, bias = ctx.saved_tensors
-    grads = torch.ops.dcnv2._modulated_deform_conv2d_backward(
-        grad, input, offset, mask, weight, bias, *ctx.params
-    )
-    grad_input, grad_offset, grad_mask, grad_weight, grad_bias = grads
-    return (
-        grad_input,
-        grad_offset,
-        grad_mask,
-        grad_weight,
-        grad_bias if bias is not None else None,
-    ) + (None,) * len(ctx.params)
-
-
-torch.library.register_autograd(
-    "dcnv2::modulated_deform_conv2d", _mdconv_backward, setup_context=_mdconv_setup_context
-)
+@torch.library.register_fake("dcnv2::_modulated_deform_conv2d_check")
+def _mdconv_check_fake(grad_output, input, offset, mask, weight, bias, *params):
+    """No-op: the check reads concrete sizes; while tracing, the operators' fake kernels check."""
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,37 +81,5 @@ def _pool_backward_fake(grad, input, rois, offset, *params):
     return input.new_empty(input.shape), grad_offset
 
 
-def _pool_setup_context(ctx, inputs, output):
-    input, rois, offset, *params = inputs
-    ctx.save_for_backward(input, rois, offset)
-    ctx.params = params
-
-
-def _pool_backward(ctx, grad):
-    input, rois, offset = ctx.saved_tensors
-    grad_input, grad_offset = torch.ops.dcnv2._deform_roi_pool_backward(
-        grad, input, rois, offset, *ctx.params
-    )
-    return (grad_input, None, grad_offset if offset is not None else None) + (None,) * len(
-        ctx.params
-    )
-
-
-torch.library.register_autograd(
-    "dcnv2::deform_roi_pool", _pool_backward, setup_context=_pool_setup_context
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Autocast. On CUDA, modulated_deform_conv2d runs in the autocast dtype, as F.conv2d does (both of
-# its CUDA implementations accumulate in float32): registered in _triton_ops.py. Everywhere else
-# the ops run in float32 under torch.autocast (as torchvision's deform_conv2d and MMDetection's fp32
-# RoI extractors do); callers get a float32 result and the next autocast op casts it back. Direct
-# float16/bfloat16 inputs (no autocast) use the half kernels on CUDA, which accumulate in float32.
-torch.library.register_autocast("dcnv2::modulated_deform_conv2d", "cpu", torch.float32)
-for _device in ("cpu", "cuda"):
-    torch.library.register_autocast("dcnv2::deform_roi_pool", _device, torch.float32)
-
-# The public modulated_deform_conv2d's CUDA kernels (fused Triton kernels or the column path), the
-# private _triton_* operators and the CUDA autocast rule above.
+# The opt-in fused Triton operators (private; the public operators never call them).
 from . import _triton_ops  # noqa: E402, F401

@@ -163,7 +163,7 @@ def test_private_op_errors(device):
         RuntimeError, match=r"offset: expected shape .* = \[1, 18, 5, 5\], got \[1, 16"
     ):
         OPS._triton_modulated_deform_conv2d(x, offset[:, :16], mask, weight, None, *params)
-    with pytest.raises(RuntimeError, match="weight: expected dtype torch.float32"):
+    with pytest.raises(RuntimeError, match="weight: expected dtype Float .*got Half"):
         OPS._triton_modulated_deform_conv2d(x, offset, mask, weight.half(), None, *params)
     with pytest.raises(RuntimeError, match="cannot run this call: dtype torch.float64"):
         OPS._triton_modulated_deform_conv2d(
@@ -232,98 +232,127 @@ def test_tf32_flag_reaches_the_kernel(device, allow_tf32, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# The public operator's CUDA dispatch
+# The opt-in: the layer picks the Triton operator when built; the public operator never does
 # ------------------------------------------------------------------------------------------------
-def _meta_args(dtype=torch.float32, hw=(8, 8)):
-    x = torch.empty(2, 4, *hw, device="meta", dtype=dtype)
-    offset = torch.empty(2, 18, *hw, device="meta", dtype=dtype)
-    mask = torch.empty(2, 9, *hw, device="meta", dtype=dtype)
-    weight = torch.empty(6, 4, 3, 3, device="meta", dtype=dtype)
-    return x, offset, mask, weight
+def test_resolve_impl():
+    resolve = _triton_ops.resolve_impl
+    assert resolve("cuda", environ={}) == "cuda"
+    assert resolve(" Triton ", environ={"DCNV2_CUDA_IMPL": "cuda"}) == "triton"  # explicit wins
+    assert resolve("auto", environ={}) == "cuda"  # the column path by default
+    for env, expected in (("triton", "triton"), ("cuda", "cuda"), ("auto", "cuda"), ("", "cuda")):
+        assert resolve("auto", environ={"DCNV2_CUDA_IMPL": env}) == expected
+        assert resolve(None, environ={"DCNV2_CUDA_IMPL": env}) == expected
+    with pytest.raises(ValueError, match="impl: expected one of auto, cuda, triton, got 'gpu'"):
+        resolve("gpu", environ={})
+    with pytest.raises(ValueError, match="DCNV2_CUDA_IMPL: expected one of auto, cuda, triton"):
+        resolve("auto", environ={"DCNV2_CUDA_IMPL": "fused"})
 
 
-def _choose(
-    env,
-    *,
-    dtype=torch.float32,
-    hw=(8, 8),
-    triton=True,
-    backward=None,
-    fused=(True, True),
-    forward_default=True,
-):
-    args = _meta_args(dtype, hw)
-    grad = torch.empty(2, 6, *hw, device="meta", dtype=dtype) if backward else None
-    environ = {} if env is None else {"DCNV2_CUDA_IMPL": env}
-    return _triton_ops.cuda_impl(
-        *args,
-        grad,
-        environ=environ,
-        triton_available=triton,
-        fused_backward=fused,
-        fused_forward_default=forward_default,
-    )[0]
+def test_layer_impl_is_chosen_at_construction(monkeypatch):
+    from projects_dcnv2.layers import ModulatedDeformConv2d, ModulatedDeformConv2dPack
+
+    monkeypatch.setenv("DCNV2_CUDA_IMPL", "triton")
+    layer = ModulatedDeformConv2dPack(4, 6, 3, padding=1)
+    assert layer.impl == "triton" and "impl='triton'" in repr(layer)
+    monkeypatch.setenv("DCNV2_CUDA_IMPL", "cuda")
+    assert layer.impl == "triton"  # read once, when built
+    assert ModulatedDeformConv2d(4, 6, 3).impl == "cuda"
+    assert ModulatedDeformConv2d(4, 6, 3, impl="triton").impl == "triton"
+    with pytest.raises(ValueError, match="impl: expected one of auto, cuda, triton, got 'cudnn'"):
+        ModulatedDeformConv2d(4, 6, 3, impl="cudnn")
+    monkeypatch.setenv("DCNV2_CUDA_IMPL", "gpu")
+    with pytest.raises(ValueError, match="DCNV2_CUDA_IMPL: expected one of auto, cuda, triton"):
+        ModulatedDeformConv2d(4, 6, 3)
 
 
-def test_cuda_impl_choice():
-    # the shipped default: the column path under auto (it was faster on the H200), fused when forced
-    assert not triton_kernels.FUSED_FORWARD_DEFAULT
-    assert _choose("auto", forward_default=None) == "cuda"
-    assert _choose("triton", forward_default=None) == "triton"
-    # auto (or unset), with the fused forward as default: the fused kernel when it takes the call
-    for env in (None, "auto", "", " AUTO "):
-        assert _choose(env) == "triton"
-        assert _choose(env, forward_default=False) == "cuda"
-    for dtype in (torch.float16, torch.bfloat16):
-        assert _choose("auto", dtype=dtype) == "triton"
-    assert _choose("auto", dtype=torch.float64) == "cuda"
-    assert _choose("auto", triton=False) == "cuda"
-    assert _choose("auto", hw=(1, 2**30)) == "cuda"  # input offsets pass int32
-    assert _choose("auto", hw=(2**15, 2**15)) == "cuda"  # 2 * 18 * 2**30: offset too
-    # the backward: only when the fused backward exists and is the default
-    assert _choose("auto", backward=True, fused=(True, True)) == "triton"
-    assert _choose("auto", backward=True, fused=(True, False)) == "cuda"
-    assert _choose("auto", backward=True, fused=(False, False)) == "cuda"
-    # forced
-    assert _choose("cuda") == "cuda"
-    assert _choose("cuda", triton=False) == "cuda"
-    assert _choose("triton") == "triton"
-    assert _choose("triton", backward=True, fused=(True, False)) == "triton"
-    with pytest.raises(RuntimeError, match="DCNV2_CUDA_IMPL=triton.*dtype torch.float64"):
-        _choose("triton", dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="DCNV2_CUDA_IMPL=triton.*Triton is not importable"):
-        _choose("triton", triton=False)
-    with pytest.raises(RuntimeError, match="DCNV2_CUDA_IMPL=triton.*backward is not available"):
-        _choose("triton", backward=True, fused=(False, False))
-    with pytest.raises(
-        ValueError, match="DCNV2_CUDA_IMPL: expected one of auto, triton, cuda, got 'gpu'"
-    ):
-        _choose("gpu")
+def test_triton_layer_takes_the_public_op_on_cpu(monkeypatch):
+    """impl="triton" concerns CUDA tensors: on CPU the layer calls the public operator."""
+    from projects_dcnv2.layers import ModulatedDeformConv2dPack
 
-
-def test_public_op_cuda_kernels_are_registered_from_python():
-    """The public operators' CUDA kernels and CUDA autocast rule are this package's (the C++
-    extension registers the column path only under the private _cuda_* names)."""
-    for op in ("modulated_deform_conv2d", "_modulated_deform_conv2d_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dcnv2::{op}", "CUDA")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(
-        "dcnv2::modulated_deform_conv2d", "AutocastCUDA"
+    calls = []
+    monkeypatch.setattr(
+        torch.ops.dcnv2,
+        "_triton_modulated_deform_conv2d",
+        lambda *a: calls.append(a),
+        raising=False,
     )
+    torch.manual_seed(0)
+    a = ModulatedDeformConv2dPack(4, 6, 3, padding=1, impl="triton")
+    b = ModulatedDeformConv2dPack(4, 6, 3, padding=1, impl="cuda")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 4, 7, 7)
+    assert torch.equal(a(x), b(x)) and not calls
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: device dispatch skipped")
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: the layer's CUDA dispatch skipped")
 @pytest.mark.parametrize("impl", ["triton", "cuda"])
-def test_public_op_on_cuda_follows_dcnv2_cuda_impl(impl, monkeypatch):
-    monkeypatch.setenv("DCNV2_CUDA_IMPL", impl)
+def test_layer_on_cuda_follows_impl(impl, monkeypatch):
+    from projects_dcnv2.layers import ModulatedDeformConv2d
+
     ts, params, ref, scale = conv_case_data("awkward", torch.float16)
     x, offset, mask, weight, bias = (t.to("cuda", torch.float16) for t in ts[:5])
-    out = OPS.modulated_deform_conv2d(x, offset, mask, weight, bias, *params)
-    assert_within(out, ref[0], scale[0], torch.float16, f"public op, {impl}")
-    # float64 is the column path's under auto
-    monkeypatch.setenv("DCNV2_CUDA_IMPL", "auto")
-    ts64 = [t.to("cuda") for t in ts[:5]]
-    out64 = OPS.modulated_deform_conv2d(*ts64, *params)
-    assert_within(out64, ref[0], scale[0], torch.float64, "public op, float64")
+    stride, pad, dil, groups, dg = params[0:2], params[2:4], params[4:6], params[6], params[7]
+    layer = ModulatedDeformConv2d(
+        x.shape[1],
+        weight.shape[0],
+        tuple(weight.shape[2:]),
+        stride,
+        pad,
+        dil,
+        groups,
+        dg,
+        impl=impl,
+    ).to("cuda", torch.float16)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    calls = []
+    real = torch.ops.dcnv2._triton_modulated_deform_conv2d
+    monkeypatch.setattr(
+        torch.ops.dcnv2,
+        "_triton_modulated_deform_conv2d",
+        lambda *a: calls.append(1) or real(*a),
+    )
+    out = layer(x, offset, mask)
+    assert len(calls) == (impl == "triton")
+    assert_within(out, ref[0], scale[0], torch.float16, f"layer, {impl}")
+
+
+def test_public_op_has_no_python_kernel():
+    """Every kernel of the public operators on the hot path (CPU, CUDA, Autograd, Autocast) is C++:
+    the dispatcher's table names a csrc/ file for each, and no Python (torch/library.py or a .py)."""
+    for op in (
+        "modulated_deform_conv2d",
+        "_modulated_deform_conv2d_backward",
+        "deform_roi_pool",
+        "_deform_roi_pool_backward",
+    ):
+        dump = torch._C._dispatch_dump(f"dcnv2::{op}")
+        rows = {
+            line.split(":", 1)[0]: line
+            for line in dump.splitlines()
+            if line.split(":", 1)[0].split("[")[0] in _HOT_KEYS
+        }
+        keys = ["CPU", "CUDA", "Autograd[alias]"]
+        if not op.startswith("_"):
+            keys += ["AutocastCPU", "AutocastCUDA"]
+        for key in keys:
+            assert key in rows, f"{op}: no {key} kernel:\n{dump}"
+            assert "/csrc/ops/" in rows[key] and ".py" not in rows[key], f"{op} {key}: {rows[key]}"
+        for key, row in rows.items():  # no Python kernel on any of these keys
+            assert ".py" not in row, f"{op} {key}: {row}"
+
+
+_HOT_KEYS = {
+    "CPU",
+    "CUDA",
+    "Autograd",
+    "AutogradCPU",
+    "AutogradCUDA",
+    "AutocastCPU",
+    "AutocastCUDA",
+    "CompositeImplicitAutograd",
+}
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: CUDA autocast skipped")
@@ -333,17 +362,16 @@ def test_cuda_autocast_runs_in_the_autocast_dtype(dtype):
     equal to the op on inputs cast to it; float64 inputs are left alone."""
     ts, params, ref, scale = conv_case_data("basic", dtype)
     x, offset, mask, weight, bias = (t.to("cuda", torch.float32) for t in ts[:5])
-    with torch.autocast("cuda", dtype=dtype):
-        out = OPS.modulated_deform_conv2d(x, offset, mask, weight, bias, *params)
-        out64 = OPS.modulated_deform_conv2d(
-            *(t.double() for t in (x, offset, mask, weight, bias)), *params
-        )
-    assert out.dtype == dtype and out64.dtype == torch.float64
-    expected = OPS.modulated_deform_conv2d(
-        *(t.to(dtype) for t in (x, offset, mask, weight, bias)), *params
-    )
-    assert torch.equal(out, expected)
-    assert_within(out, ref[0], scale[0], dtype, "autocast")
+    for op in (OPS.modulated_deform_conv2d, OPS._triton_modulated_deform_conv2d):
+        with torch.autocast("cuda", dtype=dtype):
+            out = op(x, offset, mask, weight, bias, *params)
+            out64 = OPS.modulated_deform_conv2d(
+                *(t.double() for t in (x, offset, mask, weight, bias)), *params
+            )
+        assert out.dtype == dtype and out64.dtype == torch.float64
+        expected = op(*(t.to(dtype) for t in (x, offset, mask, weight, bias)), *params)
+        assert torch.equal(out, expected)
+        assert_within(out, ref[0], scale[0], dtype, "autocast")
 
 
 def test_backward_op_alerts_under_deterministic_algorithms():
@@ -402,7 +430,7 @@ def test_forward_kernel_compiles_for_an_sm90_gpu():
 
 def test_package_imports_and_dispatches_without_triton():
     """Without Triton, projects_dcnv2 imports, the private operator says what is missing, and the
-    CUDA dispatch takes the column path."""
+    layers still resolve to the column path."""
     script = (
         "import sys; sys.modules['triton'] = None\n"  # any triton import now fails
         "import torch\n"
@@ -410,7 +438,7 @@ def test_package_imports_and_dispatches_without_triton():
         "assert not triton_kernels.AVAILABLE\n"
         "x, o, m = torch.randn(1, 4, 5, 5), torch.randn(1, 18, 5, 5), torch.rand(1, 9, 5, 5)\n"
         "w = torch.randn(6, 4, 3, 3)\n"
-        "assert _triton_ops.cuda_impl(x, o, m, w) == ('cuda', 'Triton is not importable')\n"
+        "assert _triton_ops.resolve_impl('auto', environ={}) == 'cuda'\n"
         "try:\n"
         "    torch.ops.dcnv2._triton_modulated_deform_conv2d(x, o, m, w, None, *[1] * 8)\n"
         "except RuntimeError as e:\n"

@@ -14,16 +14,19 @@
 
 namespace dcnv2 {
 
-// The public operators, and the CUDA column path under private names: the public operators' CUDA
-// kernels are registered from Python (projects_dcnv2/_ops.py), which chooses between a Triton kernel
-// and these. Defined in every build, so Python can refer to them; implemented only in CUDA builds.
+// The public operators. Their kernels: CPU (cpu/), CUDA (cuda/cuda_ops.cpp, the column path), Autograd
+// (autograd/) and Autocast (autocast/), all in C++; the fake kernels are registered from Python
+// (projects_dcnv2/_ops.py). _modulated_deform_conv2d_check runs the argument checks alone, for the
+// opt-in Triton operators (projects_dcnv2/_triton_ops.py), which have the same arguments.
 TORCH_LIBRARY_FRAGMENT(dcnv2, m) {
   m.def((std::string("modulated_deform_conv2d") + kMDConvSignature).c_str(), {at::Tag::pt2_compliant_tag});
   m.def((std::string("_modulated_deform_conv2d_backward") + kMDConvBackwardSignature).c_str(),
         {at::Tag::pt2_compliant_tag});
-  m.def((std::string("_cuda_modulated_deform_conv2d") + kMDConvSignature).c_str(), {at::Tag::pt2_compliant_tag});
-  m.def((std::string("_cuda_modulated_deform_conv2d_backward") + kMDConvBackwardSignature).c_str(),
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_modulated_deform_conv2d_check(Tensor? grad_output, Tensor input, Tensor offset, Tensor mask, Tensor weight, "
+      "Tensor? bias, int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int groups, "
+      "int deformable_groups) -> ()",
+      {at::Tag::pt2_compliant_tag});
 }
 
 namespace {
@@ -156,5 +159,27 @@ int64_t mdconv_max_block_columns(const std::vector<ColumnBlock>& blocks) {
   }
   return m;
 }
+
+namespace {
+
+// dcnv2::_modulated_deform_conv2d_check: mdconv_geometry (and check_grad_output when grad_output is
+// given) without computing anything. Registered for CPU and CUDA tensors; its fake kernel (Python) is a
+// no-op, since the operators' fake kernels check shapes themselves.
+void check_op(const std::optional<at::Tensor>& grad_output, const at::Tensor& input, const at::Tensor& offset,
+              const at::Tensor& mask, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride_h,
+              int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups,
+              int64_t deformable_groups) {
+  const ConvGeometry g = mdconv_geometry(input, offset, mask, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h,
+                                         dil_w, groups, deformable_groups);
+  if (grad_output.has_value()) {
+    check_grad_output(*grad_output, input, g);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dcnv2, CPU, m) { m.impl("_modulated_deform_conv2d_check", &check_op); }
+
+TORCH_LIBRARY_IMPL(dcnv2, CUDA, m) { m.impl("_modulated_deform_conv2d_check", &check_op); }
 
 }  // namespace dcnv2

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .. import _ops
+from .._triton_ops import resolve_impl
 
 __all__ = [
     "modulated_deform_conv2d",
@@ -58,6 +59,14 @@ def _check_device(input: torch.Tensor, op: str) -> None:
         )
 
 
+def _ones_mask(offset: torch.Tensor) -> torch.Tensor:
+    """The all-ones mask of DCNv1 for ``offset`` (N, 2 * dg * K, Ho, Wo)."""
+    if offset.dim() != 4:
+        raise ValueError(f"offset: expected a 4-D tensor, got shape {tuple(offset.shape)}")
+    n, c, h, w = offset.shape
+    return offset.new_ones((n, c // 2, h, w))
+
+
 def modulated_deform_conv2d(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -86,15 +95,13 @@ def modulated_deform_conv2d(
     Returns:
         (N, C_out, Ho, Wo).
     """
-    _check_device(input, "modulated_deform_conv2d")
-    stride_h, stride_w = _pair(stride)
-    pad_h, pad_w = _pair(padding)
-    dil_h, dil_w = _pair(dilation)
+    if input.is_cuda:
+        _check_device(input, "modulated_deform_conv2d")
+    stride_h, stride_w = (stride, stride) if type(stride) is int else _pair(stride)
+    pad_h, pad_w = (padding, padding) if type(padding) is int else _pair(padding)
+    dil_h, dil_w = (dilation, dilation) if type(dilation) is int else _pair(dilation)
     if mask is None:
-        if offset.dim() != 4:
-            raise ValueError(f"offset: expected a 4-D tensor, got shape {tuple(offset.shape)}")
-        n, c, h, w = offset.shape
-        mask = offset.new_ones((n, c // 2, h, w))
+        mask = _ones_mask(offset)
     return torch.ops.dcnv2.modulated_deform_conv2d(
         input,
         offset,
@@ -117,6 +124,12 @@ class ModulatedDeformConv2d(nn.Module):
 
     Parameters: ``weight`` (C_out, C_in / groups, kh, kw) and optional ``bias`` (C_out,), initialised
     as MMCV does: uniform in +-1/sqrt(C_in * kh * kw), bias zero.
+
+    ``impl`` picks the implementation of CUDA calls, once, when the module is built: ``"cuda"`` the
+    public operator (the column path, its kernels and autograd all C++), ``"triton"`` the opt-in fused
+    Triton operator ``dcnv2::_triton_modulated_deform_conv2d`` (CPU tensors still take the public
+    operator), ``"auto"`` (default) reads ``DCNV2_CUDA_IMPL`` (unset or ``auto``: ``"cuda"``); the
+    choice is ``self.impl``. Another value is a ValueError naming the argument.
     """
 
     def __init__(
@@ -130,8 +143,10 @@ class ModulatedDeformConv2d(nn.Module):
         groups: int = 1,
         deformable_groups: int = 1,
         bias: bool = True,
+        impl: str = "auto",
     ):
         super().__init__()
+        self.impl = resolve_impl(impl)
         for name, value in (
             ("in_channels", in_channels),
             ("out_channels", out_channels),
@@ -173,6 +188,21 @@ class ModulatedDeformConv2d(nn.Module):
     def forward(
         self, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
+        if self.impl == "triton" and x.is_cuda:
+            if mask is None:
+                mask = _ones_mask(offset)
+            return torch.ops.dcnv2._triton_modulated_deform_conv2d(
+                x,
+                offset,
+                mask,
+                self.weight,
+                self.bias,
+                *self.stride,
+                *self.padding,
+                *self.dilation,
+                self.groups,
+                self.deformable_groups,
+            )
         return modulated_deform_conv2d(
             x,
             offset,
@@ -190,7 +220,8 @@ class ModulatedDeformConv2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-            f"deformable_groups={self.deformable_groups}, bias={self.bias is not None}"
+            f"deformable_groups={self.deformable_groups}, bias={self.bias is not None}, "
+            f"impl={self.impl!r}"
         )
 
 

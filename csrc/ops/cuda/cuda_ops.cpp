@@ -3,9 +3,8 @@
 // (device check, device guard, determinism alert) and their registration. The kernels are in the .cu
 // files.
 //
-// Compiled twice, as the kernels are: here for the GPU, registering the CUDA kernels of the private
-// dcnv2::_cuda_modulated_deform_conv2d[_backward] (which projects_dcnv2/_ops.py calls for the public
-// convolution ops) and of the public deform_roi_pool ops; and in ../emulated_cuda/cuda_ops.cpp under
+// Compiled twice, as the kernels are: here for the GPU, registering the CUDA kernels of the public
+// operators; and in ../emulated_cuda/cuda_ops.cpp under
 // DCNV2_EMULATE_CUDA (launch.h), over the host build of the same kernels, as the test-only operators
 // dcnv2::_emulated_cuda_<op>[_backward] on CPU tensors.
 #include <ATen/ATen.h>
@@ -206,11 +205,10 @@ TORCH_LIBRARY_IMPL(dcnv2, CPU, m) {
   m.impl("_emulated_cuda_deform_roi_pool_backward", &pool_backward_op);
 }
 #else
-// The public modulated_deform_conv2d ops get their CUDA kernels from Python (_ops.py), which calls
-// these (schemas in ../modulated_deform_conv2d.cpp); the RoI pooling is registered directly.
+// The public operators' CUDA kernels (schemas in ../modulated_deform_conv2d.cpp and ../deform_roi_pool.cpp).
 TORCH_LIBRARY_IMPL(dcnv2, CUDA, m) {
-  m.impl("_cuda_modulated_deform_conv2d", &mdconv_forward);
-  m.impl("_cuda_modulated_deform_conv2d_backward", &mdconv_backward);
+  m.impl("modulated_deform_conv2d", &mdconv_forward);
+  m.impl("_modulated_deform_conv2d_backward", &mdconv_backward);
   m.impl("deform_roi_pool", &pool_forward_op);
   m.impl("_deform_roi_pool_backward", &pool_backward_op);
 }
