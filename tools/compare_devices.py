@@ -42,6 +42,7 @@ import torch
 
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, inference_on_dataset
+from detectron2.utils.logger import setup_logger
 
 from projects_dcnv2.engine import build_evaluator, build_inference_model, inference_config
 
@@ -256,6 +257,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    setup_logger(name="detectron2")  # the evaluation's progress and timing lines
     tf32 = args.tf32 == "on"
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -97,6 +97,9 @@ step() {
   cmd=${cmd//$'\n'/ }
   [ ${#cmd} -gt 300 ] && cmd="${cmd:0:297}..."
   note "$name: rc=$rc, $(($(date +%s) - start)) s (limit $limit): $cmd"
+  # pytest's last line (counts of passed, failed, skipped) and compute-sanitizer's verdict
+  grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|deselected|errors?)|ERROR SUMMARY:' "$out/$name.log" |
+    tail -n 2 | sed 's/^/  /' | tee -a "$summary"
   if [ $rc != 0 ]; then
     [ $rc = 124 ] && note "  (cut by its time limit)"
     tail -n 15 "$out/$name.log" | sed 's/^/  | /' >>"$summary"
@@ -260,7 +263,7 @@ print(root, len(coco['images']), 'validation images')"
     fi
   fi
 
-  step mimic 50 "${train_net[@]}" --config-file $MIMIC "${opts[@]}" OUTPUT_DIR "$work/mimic"
+  step mimic 45 "${train_net[@]}" --config-file $MIMIC "${opts[@]}" OUTPUT_DIR "$work/mimic"
   if [ $mode = run ] && [ "${rcs[mimic]}" = 0 ]; then
     local m
     m=$(copypaste "$out/mimic.log")
@@ -286,7 +289,7 @@ print(root, len(coco['images']), 'validation images')"
   fi
 
   if after train compare; then
-    step compare 70 "${data[@]}" "$PY" tools/compare_devices.py --config-file $QUICK "${threads[@]}" --images 4 \
+    step compare 85 "${data[@]}" "$PY" tools/compare_devices.py --config-file $QUICK "${threads[@]}" --images 4 \
       --json "$out/compare.json" "${opts[@]:2}" MODEL.WEIGHTS "$work/train/model_final.pth"
     [ $mode = run ] && note "  $(grep -h 'compare_devices: ' "$out/compare.log" | tail -n 1)"
   fi
@@ -295,7 +298,7 @@ print(root, len(coco['images']), 'validation images')"
   step cuda_tests 45 "$PY" -m pytest "${cuda_tests[@]}" "${pytest_args[@]}" "${cuda_only[@]}" \
     --ignore=tests/test_fuzz_ops.py --ignore=tests/test_triton_mdconv.py \
     --ignore=tests/test_triton_mdconv_backward.py --ignore=tests/test_gpu_check.py
-  step triton_tests 40 env DCNV2_CUDA_IMPL=triton "$PY" -m pytest "${triton_tests[@]}" \
+  step triton_tests 35 env DCNV2_CUDA_IMPL=triton "$PY" -m pytest "${triton_tests[@]}" \
     "${pytest_args[@]}" "${cuda_only[@]}"
 
   local sanitizer
@@ -321,7 +324,7 @@ print(root, len(coco['images']), 'validation images')"
 # ------------------------------------------------------------------------------ phase cost
 cost_phase() {
   if [ "$dev" = cpu ]; then  # the rehearsal: the same commands at toy sizes
-    local model_extra=(--size 64x96 --objects 2 --warmup 1 --iters 1) ops_extra=(--repeat 1 --stages c5)
+    local model_extra=(--size 64x96 --objects 2 --warmup 1 --iters 1) ops_extra=(--repeat 1 --stages c5 --no-onnxruntime)
   else
     local model_extra=() ops_extra=()
   fi
