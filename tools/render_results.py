@@ -149,6 +149,38 @@ for _name, (_page, _filename, _targets) in OP_BLOCKS.items():
     renderer(_name, _page)(functools.partial(_op_block, filename=_filename, targets=_targets))
 
 
+GPU_FUSED = "benchmarks_cuda_h200_fused.json"  # the fused Triton kernels' rows of the 2026-12-04 run
+
+
+@renderer("gpu_ops_fused", "docs/results/gpu_ops.md")
+def gpu_ops_fused(docs):
+    """The fused Triton mdconv against the column path, torchvision and cuDNN: medians per
+    implementation and the ratios of those medians (the run kept no per-round times, so no
+    spread: the ratios are marked as ratios of medians)."""
+    result = _load(docs, GPU_FUSED)
+    lines = [
+        f"`docs/{GPU_FUSED}`: {result['machine']}, {result['date']}, torch {result['torch']}, "
+        f"Triton {result['triton']}; {result['source']}.",
+        "",
+        "| dtype | shape, dg, N | call (rounds) | fwd ms: fused / column / torchvision / conv2d "
+        "| fwd+bwd ms: fused / column / torchvision / conv2d | fwd extra MB: fused / column "
+        "| fused / column fwd, fwd+bwd (of medians) | fused / conv2d fwd (of medians) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    impls = ("triton", "cuda", "torchvision", "conv2d")
+    for r in result["fused"]:
+        dtype = r["dtype"] + (f", TF32 {r['tf32']}" if r["tf32"] != "n/a" else "")
+        rounds = result["calls"][str(r["call"])]["repeat"]
+        fwd, both = ([r[f"{k}_{ph}_ms"] for k in impls] for ph in ("fwd", "fwdbwd"))
+        lines.append(
+            f"| {dtype} | {r['shape']}, {r['dg']}, {r['batch']} | {r['call']} ({rounds}) "
+            f"| {' / '.join(f'{t:.3f}' for t in fwd)} | {' / '.join(f'{t:.3f}' for t in both)} "
+            f"| {r['triton_fwd_extra_mb']:.1f} / {r['cuda_fwd_extra_mb']:.1f} "
+            f"| {_x(fwd[0] / fwd[1])}, {_x(both[0] / both[1])} | {_x(fwd[0] / fwd[3])} |"
+        )
+    return "\n".join([*lines, ""])
+
+
 MODEL_TARGET = ("mask_rcnn_R50_FPN_mdconv", 1.15)  # the DCNv2 config whose ratio has a target
 
 
