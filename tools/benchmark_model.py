@@ -583,19 +583,23 @@ def _select(names):
 def _print_table(result):
     print(f"# {result['machine']}; {result['note']}")
     print("| row | twin | train s/iter (twin) | ratio | Mem GB (twin) | ratio "
-          "| fps (twin) | inf time ratio | backbone ratio |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| fps (twin) | inf time ratio | backbone ratio | torchvision / ours: inf, backbone |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         t, i, b = r.get("train", {}), r.get("infer", {}), r.get("backbone", {})
 
         def f(d, key, fmt):
             return format(d[key], fmt) if key in d else "-"
 
+        def ratio(d, key="ratio"):
+            return bench_utils.format_ratio(d, key) if key in d else "-"
+
         print(
             f"| {r['label']} | {r['twin']} | {f(t, 'median_s', '.3f')} ({f(t, 'twin_median_s', '.3f')}) "
-            f"| {f(t, 'ratio', '.3f')}x | {f(t, 'peak_gb', '.2f')} ({f(t, 'twin_peak_gb', '.2f')}) "
+            f"| {ratio(t)} | {f(t, 'peak_gb', '.2f')} ({f(t, 'twin_peak_gb', '.2f')}) "
             f"| {f(t, 'memory_ratio', '.3f')}x | {f(i, 'fps', '.1f')} ({f(i, 'twin_fps', '.1f')}) "
-            f"| {f(i, 'ratio', '.3f')}x | {f(b, 'ratio', '.3f')}x |",
+            f"| {ratio(i)} | {ratio(b)} "
+            f"| {ratio(i, 'torchvision_ratio')}, {ratio(b, 'torchvision_ratio')} |",
             flush=True,
         )
 
