@@ -337,6 +337,50 @@ def test_gradcheck_float64_no_mask_no_bias():
     assert torch.autograd.gradcheck(f, (t["input"], t["offset"], t["weight"]))
 
 
+def test_gradcheck_float64_strided_offset_mask_views_against_reference():
+    """Offset and mask as the Pack layer passes them: channel slices of one (N, 3 * dg * K, Ho, Wo)
+    tensor (a batch stride that is not C * H * W). The op's gradients (float64 gradcheck) and its
+    output and gradients against the reference on the same views."""
+    g = torch.Generator().manual_seed(3)
+    n, cin, cout, dg, k = 2, 4, 3, 2, 9
+    x = torch.randn(n, cin, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    packed = torch.randn(n, 3 * dg * k, 5, 6, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(cout, cin, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(cout, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def split(p):
+        offset, mask = p[:, : 2 * dg * k], p[:, 2 * dg * k :].sigmoid()
+        return offset, mask
+
+    offset_view = packed[:, : 2 * dg * k]
+    assert not offset_view.is_contiguous() and offset_view.stride(0) == 3 * dg * k * 30
+
+    def f(x, p, w, b):
+        offset, mask = split(p)
+        return modulated_deform_conv2d(x, offset, mask, w, b, 1, 1, 1, 1, dg)
+
+    assert torch.autograd.gradcheck(f, (x, packed, w, b))
+    out = f(x, packed, w, b)
+    ref = mdconv2d_ref(x, *split(packed), w, b, 1, 1, 1, 1, dg)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(out, (x, packed, w, b), grad)
+    want = torch.autograd.grad(ref, (x, packed, w, b), grad)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+
+
+def test_double_backward_is_a_clear_error():
+    case = Case(1, 2, 2, (4, 4), (3, 3), 1, 1, 1, 1, 1, 0.8, True)
+    t = make_inputs(case)
+    out = modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], t["bias"], 1, 1)
+    (grad_x,) = torch.autograd.grad(out.sum(), t["input"], create_graph=True)
+    with pytest.raises(
+        RuntimeError, match="modulated_deform_conv2d: double backward .* not supported"
+    ):
+        grad_x.sum().backward()
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_opcheck(bias):
     case = Case(2, 4, 2, (5, 4), (3, 2), (2, 1), (1, 0), 1, 2, 2, 1.0, bias)
