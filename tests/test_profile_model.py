@@ -210,3 +210,27 @@ def test_benchmark_ops_host_overhead_mode(tmp_path):
             assert r[f"{name}_min"] <= r[f"{name}_q25"] <= r[name] <= r[f"{name}_q75"]
             assert r[f"{name}_q75"] <= r[f"{name}_max"]
     assert "one thread" in result["timing"] and result["machine"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_profile_tool_on_cuda_sees_kernels():
+    """On CUDA: kernel time and launches of the device's kernels, the GPU's idle time between
+    them, and bench_utils' kernel time of one conv below its synchronised wall time."""
+    args = argparse.Namespace(
+        device="cuda", size="64x96", ims_per_batch=2, objects=2, warmup=1, iters=2,
+        opts=[*SMALL, *NARROW, "MODEL.DEVICE", "cuda"], proposals_per_object=3, nms_candidates=0,
+    )  # fmt: skip
+    dcn = profile_model.profile_spec("faster_rcnn_R50_FPN_mdconv", "mdconv", args)
+    for phase in ("backbone", "train"):
+        p = dcn[phase]
+        assert p["categories"]["mdconv"]["kernel_ms"] > 0
+        assert p["categories"]["mdconv"]["launches"] >= 13
+        assert p["gpu_idle_ms"] is not None and 0 <= p["gpu_idle_ms"] <= p["wall_ms"]
+        assert 0 < p["total"]["kernel_ms"] <= p["wall_ms"]
+    x = torch.randn(1, 64, 32, 32, device="cuda")
+    w = torch.randn(64, 64, 3, 3, device="cuda")
+    kernel = bench.kernel_ms(lambda: torch.nn.functional.conv2d(x, w, padding=1), "cuda")
+    wall = 1e3 * min(
+        bench.once(lambda: torch.nn.functional.conv2d(x, w, padding=1), "cuda") for _ in range(5)
+    )
+    assert 0 < kernel <= wall

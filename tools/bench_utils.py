@@ -191,7 +191,8 @@ def kernel_ms(fn, device, calls=10):
 
     fn()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # CPU activity too: the kernels' durations are summed over the host ops that launched them
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
