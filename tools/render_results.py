@@ -149,7 +149,8 @@ for _name, (_page, _filename, _targets) in OP_BLOCKS.items():
     renderer(_name, _page)(functools.partial(_op_block, filename=_filename, targets=_targets))
 
 
-GPU_FUSED = "benchmarks_cuda_h200_fused.json"  # the fused Triton kernels' rows of the 2026-12-04 run
+# the fused Triton kernels' rows of the 2026-12-04 run
+GPU_FUSED = "benchmarks_cuda_h200_fused.json"
 
 
 @renderer("gpu_ops_fused", "docs/results/gpu_ops.md")
