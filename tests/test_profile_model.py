@@ -186,6 +186,10 @@ def test_limit_nms_candidates_keeps_the_top_k():
     assert counts == [37]
     scores = logits.softmax(-1)[:, :-1].flatten().sort(descending=True).values
     assert scores[36] > predictor.test_score_thresh >= scores[37]
+    # ties with the k-th pass together: a threshold cannot split them
+    logits[:] = 0.0
+    predictor.inference((logits, deltas), [props])
+    assert counts[-1] == 10 * num_classes
 
 
 # ------------------------------------------------------------- benchmark_ops --host-overhead

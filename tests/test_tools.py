@@ -442,8 +442,11 @@ def test_benchmark_model_trains_and_infers_a_pair(tmp_path):
             np.median(np.array(peer[part]["times"]) / np.array(t))
         )
     assert row["infer"]["fps"] == pytest.approx(1 / np.median(mine["infer"]["times"]))
-    # 10 proposals x 80 classes score; the 30 best of each image go to NMS
-    assert row["infer"]["nms_candidates"] == 30 and row["infer"]["twin_nms_candidates"] == 30
+    # 10 proposals x 80 classes score; the 30 best of each image go to NMS (with those tied with
+    # the 30th: bfloat16 logits tie often)
+    assert (
+        30 <= row["infer"]["nms_candidates"] < 80 and 30 <= row["infer"]["twin_nms_candidates"] < 80
+    )
     for part in ("train", "infer"):
         assert row[part]["peak_gb"] > 0.1 and row[part]["twin_peak_gb"] > 0.1
         assert row[part]["memory_ratio"] == pytest.approx(

@@ -227,10 +227,10 @@ def use_torchvision_deform_conv(model):
 
 
 def limit_nms_candidates(box_predictor, candidates, counts):
-    """Wraps ``box_predictor.inference`` so that at most ``candidates`` (class, box) pairs per
-    image pass the score threshold into NMS, as a pre-NMS top-k would: the threshold becomes the
-    score just below the ``candidates``-th largest foreground score (the lowest over the batch's
-    images). Random weights score every class alike (about 1/81), so a fixed threshold sends either
+    """Wraps ``box_predictor.inference`` so that the ``candidates`` top-scoring (class, box) pairs
+    per image pass the score threshold into NMS, as a pre-NMS top-k would (and pairs tied with the
+    last of them, which a threshold cannot split): the threshold becomes the largest score below
+    the ``candidates``-th largest foreground score (the lowest over the batch's images). Random weights score every class alike (about 1/81), so a fixed threshold sends either
     all 80 x 1000 pairs or none; a trained model's 0.05 keeps a few thousand. Appends the number
     of pairs that passed (summed over the batch) to ``counts``."""
     import torch
@@ -239,13 +239,13 @@ def limit_nms_candidates(box_predictor, candidates, counts):
 
     def inference(predictions, proposals):
         scores = [s[:, :-1] for s in box_predictor.predict_probs(predictions, proposals)]
-        kth = [
-            torch.topk(s.flatten(), min(candidates + 1, s.numel())).values[-1].item()
-            if s.numel() > candidates
-            else -1.0
-            for s in scores
-        ]
-        box_predictor.test_score_thresh = min(kth)
+        thresholds = []
+        for s in scores:
+            if s.numel() > candidates:  # the largest score below the k-th: ties with it pass too
+                kth = torch.topk(s.flatten(), candidates).values[-1]
+                below = s[s < kth]
+                thresholds.append(below.max().item() if below.numel() else -1.0)
+        box_predictor.test_score_thresh = min(thresholds, default=-1.0)
         counts.append(sum(int((s > box_predictor.test_score_thresh).sum()) for s in scores))
         return original(predictions, proposals)
 
