@@ -160,9 +160,30 @@ def header(device):
         "torchvision": torchvision.__version__,
         "cuda": torch.version.cuda,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "commit": _commit(),
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
+
+
+def _commit():
+    """The checkout's commit (with "+changes" when the tree differs from it), or None."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (commit + ("+changes" if dirty else "")) or None
 
 
 def peak_bytes_above(fn, device):

@@ -3,7 +3,8 @@
 forward at batch 1 (inference, ``no_grad``) and one training step at batch 2 (Detectron2's
 trainer step, as tools/benchmark_model.py runs it), split by kind of work:
 
-- ``mdconv``: our op, forward and backward (every ``dcnv2::`` op and what runs inside it);
+- ``mdconv``: our op, forward and backward (every ``dcnv2::`` op and what runs inside it; in the
+  mdpool rows that includes the RoI pooling's ``dcnv2::`` ops);
 - ``offset_conv``: the convs that predict offsets and masks (``conv2_offset``, ``conv_offset``),
   forward and their backward;
 - ``dcn_small_ops``: the DCN layer's small ops around the op call (split, sigmoid, copies, adds),
