@@ -323,13 +323,15 @@ print(root, len(coco['images']), 'validation images')"
 # ------------------------------------------------------------------------------ phase cost
 cost_phase() {
   if [ "$dev" = cpu ]; then  # the rehearsal: the same commands at toy sizes
-    local model_extra=(--size 64x96 --objects 2 --warmup 0 --iters 1 --memory off --modes infer) ops_extra=(--repeat 1 --stages c5 --no-onnxruntime)
+    local toy=(--size 64x96 --objects 2 --warmup 0 --iters 1)
+    local profile_extra=("${toy[@]}") model_extra=("${toy[@]}" --memory off --modes infer)
+    local ops_extra=(--repeat 1 --stages c5 --no-onnxruntime)
   else
-    local model_extra=() ops_extra=()
+    local profile_extra=() model_extra=() ops_extra=()
   fi
   # ==================== the measurement commands (issue 23): adjust flags here ====================
   if [ -f tools/profile_model.py ] || [ $mode = plan ]; then
-    step profile 50 "$PY" tools/profile_model.py --device "$dev" --json "$out/profile.json"
+    step profile 50 "$PY" tools/profile_model.py --device "$dev" "${profile_extra[@]}" --json "$out/profile.json"
   else
     note "profile: skipped, tools/profile_model.py is not in this tree"
   fi
