@@ -25,6 +25,7 @@
 # sanitizer steps are skipped ("needs a GPU"). tests/test_gpu_check.py runs it.
 #
 # Environment: GPU_CHECK_PHASE (user), GPU_CHECK_DEVICE (cuda), GPU_CHECK_BUDGET (the phase's),
+# GPU_CHECK_SLACK (limits and budget multiplied by it: 1 on CUDA, 4 on CPU),
 # GPU_CHECK_WORK (checkpoints and data set: $TMPDIR/gpu_check_work), GPU_CHECK_VAL_IMAGES (0 = all),
 # GPU_CHECK_WHEELS (.gpu_wheels, made by dev/prepare_gpu_wheels.py; installed when detectron2 does
 # not import), GPU_CHECK_ARCH (the card's compute capability), PYTHON (python3), MAX_JOBS (nproc).
