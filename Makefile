@@ -37,4 +37,4 @@ format:
 	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 clean:
-	rm -rf build projects_dcnv2/_C*.so *.egg-info
+	rm -rf build projects_dcnv2/_C*.so projects_dcnv2/ops/_C*.so *.egg-info

@@ -1,4 +1,4 @@
-"""Builds projects_dcnv2 and its extension projects_dcnv2._C from csrc/.
+"""Builds projects_dcnv2 and its extension projects_dcnv2.ops._C from csrc/.
 
 The CPU kernels are always built. The CUDA kernels are built whenever nvcc is found, GPU or not
 (DCNV2_WITH_CUDA=auto, the default; 1 forces them, 0 disables them). Architectures: an explicit
@@ -152,7 +152,7 @@ def _extension():
     if not _want_cuda():
         print("projects_dcnv2: building the CPU kernels only")
         return cpp_extension.CppExtension(
-            "projects_dcnv2._C",
+            "projects_dcnv2.ops._C",
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
@@ -174,7 +174,7 @@ def _extension():
     define_macros.append(("WITH_CUDA", None))
     nvcc_flags = ["-O3", "-lineinfo"]
     return cpp_extension.CUDAExtension(
-        "projects_dcnv2._C",
+        "projects_dcnv2.ops._C",
         sources,
         include_dirs=include_dirs,
         define_macros=define_macros,

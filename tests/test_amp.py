@@ -1,8 +1,8 @@
 """Mixed precision: the DCNv2 ops and layers under ``torch.autocast`` against float32.
 
-``projects_dcnv2/_ops.py`` registers both ops to run in float32 under autocast on CPU, and
+The C++ autocast kernels (csrc/ops/autocast/) run both ops in float32 under autocast on CPU, and
 deform_roi_pool on CUDA too: whatever the dtype of their inputs, they compute and return float32.
-On CUDA modulated_deform_conv2d runs in the autocast dtype, as F.conv2d (``_triton_ops.py``).
+On CUDA modulated_deform_conv2d runs in the autocast dtype, as F.conv2d (csrc/ops/autocast/).
 Around them, the layers' own ``nn.Conv2d`` / ``nn.Linear`` (offset and mask predictors) run in
 the autocast dtype. The op-level policy for one bfloat16 input is pinned in test_mdconv.py /
 test_deform_roi_pool.py (``test_autocast_cpu_computes_in_float32``); here all inputs come in low
@@ -82,7 +82,7 @@ def test_mdconv_low_precision_inputs_under_autocast(device, dtype):
     low = [t.detach().to(dtype).requires_grad_() for t in ref]
     upcast = [t.detach().float().requires_grad_() for t in low]
     expected, exact = _conv(*ref), _conv(*upcast)
-    if device == "cuda":  # on CUDA the op runs in the autocast dtype, as F.conv2d (_triton_ops.py)
+    if device == "cuda":  # on CUDA the op runs in the autocast dtype, as F.conv2d (csrc/ops/autocast)
         upcast = [t.detach().clone().requires_grad_() for t in low]
         exact = _conv(*upcast)
     with torch.autocast(device, dtype=dtype):

@@ -17,7 +17,7 @@ from unittest import mock
 import pytest
 import torch
 
-import projects_dcnv2._C as ext
+import projects_dcnv2.ops._C as ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -171,6 +171,9 @@ x, w, b = torch.randn(1, 3, 6, 5), torch.randn(4, 3, 3, 3), torch.randn(4)
 offset, mask = torch.zeros(1, 18, 6, 5), torch.ones(1, 9, 6, 5)
 torch.testing.assert_close(modulated_deform_conv2d(x, offset, mask, w, b, padding=1),
                            F.conv2d(x, w, b, padding=1))
+# the op library: the extension lives in projects_dcnv2/ops/, and the layers re-export its ops
+import projects_dcnv2.ops as ops
+assert ops._C.__name__ == "projects_dcnv2.ops._C" and ops.modulated_deform_conv2d is modulated_deform_conv2d
 print(projects_dcnv2.__file__)
 """
 

@@ -21,7 +21,8 @@ import torch
 from test_cuda_path import assert_within, conv_case_data, conv_reference, non_contiguous_views
 
 import projects_dcnv2.layers  # noqa: F401  (registers torch.ops.dcnv2)
-from projects_dcnv2 import _triton_ops, triton_kernels
+from projects_dcnv2 import triton_kernels
+from projects_dcnv2.ops import _triton_ops
 
 pytestmark = pytest.mark.skipif(not triton_kernels.AVAILABLE, reason="Triton is not installed")
 
@@ -434,7 +435,8 @@ def test_package_imports_and_dispatches_without_triton():
     script = (
         "import sys; sys.modules['triton'] = None\n"  # any triton import now fails
         "import torch\n"
-        "from projects_dcnv2 import _triton_ops, triton_kernels\n"
+        "from projects_dcnv2 import triton_kernels\n"
+        "from projects_dcnv2.ops import _triton_ops\n"
         "assert not triton_kernels.AVAILABLE\n"
         "x, o, m = torch.randn(1, 4, 5, 5), torch.randn(1, 18, 5, 5), torch.rand(1, 9, 5, 5)\n"
         "w = torch.randn(6, 4, 3, 3)\n"

@@ -1,6 +1,7 @@
-"""Functional DCNv2 operators and their modules (no config code here)."""
+"""The DCNv2 modules, with the functional operators and WITH_CUDA / CUDA_VERSION of
+``projects_dcnv2.ops`` re-exported (no config code here)."""
 
-from .._ops import CUDA_VERSION, WITH_CUDA
+from ..ops import CUDA_VERSION, WITH_CUDA
 from .deform_conv import (
     ModulatedDeformConv2d,
     ModulatedDeformConv2dPack,

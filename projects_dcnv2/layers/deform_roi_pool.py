@@ -16,50 +16,13 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import _pair
 
-from .deform_conv import _check_device, _check_int, _check_pair
+from ..ops.deform_roi_pool import deform_roi_pool
+from .deform_conv import _check_int, _check_pair
 
 __all__ = ["deform_roi_pool", "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"]
 
 _IntPair = Union[int, Tuple[int, int]]
-
-
-def deform_roi_pool(
-    input: torch.Tensor,
-    rois: torch.Tensor,
-    offset: Optional[torch.Tensor],
-    output_size: _IntPair,
-    spatial_scale: float = 1.0,
-    sampling_ratio: int = 0,
-    gamma: float = 0.1,
-) -> torch.Tensor:
-    """Deformable RoI pooling.
-
-    Args:
-        input: (N, C, H, W) feature map.
-        rois: (K, 5) rows of [batch_index, x1, y1, x2, y2] in input-image pixels.
-        offset: (K, 2, P_h, P_w) normalised bin shifts (dx, dy), or None for plain aligned RoIAlign.
-        output_size: P or (P_h, P_w).
-        spatial_scale: feature-map size / image size (1 / stride).
-        sampling_ratio: samples per bin side; 0 chooses ceil(bin size) adaptively.
-        gamma: offset scale (MMCV's default 0.1).
-
-    Returns:
-        (K, C, P_h, P_w).
-    """
-    _check_device(input, "deform_roi_pool")
-    pooled_h, pooled_w = _pair(output_size)
-    return torch.ops.dcnv2.deform_roi_pool(
-        input,
-        rois,
-        offset,
-        pooled_h,
-        pooled_w,
-        float(spatial_scale),
-        int(sampling_ratio),
-        float(gamma),
-    )
 
 
 class DeformRoIPool(nn.Module):

@@ -13,7 +13,7 @@ try:
     from . import _C  # noqa: F401  (loading the library registers the operators)
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(
-        "projects_dcnv2._C is missing: the C++/CUDA extension was not built. "
+        "projects_dcnv2.ops._C is missing: the C++/CUDA extension was not built. "
         "Run `make setup` or `pip install -e . --no-build-isolation` in the project root."
     ) from e
 
