@@ -14,7 +14,7 @@ import torch
 from test_cuda_path import assert_within, conv_reference
 
 import projects_dcnv2.layers  # noqa: F401  (registers torch.ops.dcnv2: the reference)
-from projects_dcnv2 import triton_kernels
+from projects_dcnv2.ops import triton_kernels
 
 pytestmark = pytest.mark.skipif(not triton_kernels.AVAILABLE, reason="Triton is not installed")
 
@@ -22,7 +22,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def _module():
-    from projects_dcnv2.triton_kernels import mdconv_forward
+    from projects_dcnv2.ops.triton_kernels import mdconv_forward
 
     return mdconv_forward
 

@@ -21,8 +21,7 @@ import torch
 from test_cuda_path import assert_within, conv_case_data, conv_reference, non_contiguous_views
 
 import projects_dcnv2.layers  # noqa: F401  (registers torch.ops.dcnv2)
-from projects_dcnv2 import triton_kernels
-from projects_dcnv2.ops import _triton_ops
+from projects_dcnv2.ops import _triton_ops, triton_kernels
 
 pytestmark = pytest.mark.skipif(not triton_kernels.AVAILABLE, reason="Triton is not installed")
 
@@ -31,7 +30,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def _interpreted():
-    from projects_dcnv2.triton_kernels import mdconv_forward
+    from projects_dcnv2.ops.triton_kernels import mdconv_forward
 
     return mdconv_forward.INTERPRETED
 
@@ -121,7 +120,7 @@ def test_forward_other_interpreter_tiles(blocks, monkeypatch):
     several channel chunks per deformable group (the interpreter's tl.dot takes any size)."""
     if HAS_CUDA or not _interpreted():
         pytest.skip("the interpreter's tiles: needs the kernels in Triton's interpreter")
-    from projects_dcnv2.triton_kernels import mdconv_forward
+    from projects_dcnv2.ops.triton_kernels import mdconv_forward
 
     monkeypatch.setattr(mdconv_forward, "INTERPRETER_BLOCKS", blocks)
     ts, params = _own_case(torch.float32)
@@ -207,7 +206,7 @@ def test_dot_precision_follows_cudnn_allow_tf32(allow_tf32, monkeypatch):
 def test_tf32_flag_reaches_the_kernel(device, allow_tf32, monkeypatch):
     """The launch gets DOT_PRECISION from the flag, and both settings meet their bound (in the
     interpreter both compute in full float32)."""
-    from projects_dcnv2.triton_kernels import mdconv_forward
+    from projects_dcnv2.ops.triton_kernels import mdconv_forward
 
     seen = []
     for name in ("_mdconv_forward_kernel", "_mdconv_forward_tuned"):
@@ -395,7 +394,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from projects_dcnv2.triton_kernels import mdconv_forward
+from projects_dcnv2.ops.triton_kernels import mdconv_forward
 
 fn = mdconv_forward._mdconv_forward_kernel
 for dtype, precision in (("float16", "ieee"), ("bfloat16", "ieee"), ("float32", "tf32")):
@@ -435,7 +434,7 @@ def test_package_imports_and_dispatches_without_triton():
     script = (
         "import sys; sys.modules['triton'] = None\n"  # any triton import now fails
         "import torch\n"
-        "from projects_dcnv2 import triton_kernels\n"
+        "from projects_dcnv2.ops import triton_kernels\n"
         "from projects_dcnv2.ops import _triton_ops\n"
         "assert not triton_kernels.AVAILABLE\n"
         "x, o, m = torch.randn(1, 4, 5, 5), torch.randn(1, 18, 5, 5), torch.rand(1, 9, 5, 5)\n"

@@ -28,7 +28,7 @@ from test_cuda_path import CONV_CASES, assert_within, conv_case_data, conv_input
 from test_triton_mdconv import DEVICES, HAS_CUDA, _bound_dtype
 
 import projects_dcnv2.layers  # noqa: F401  (registers torch.ops.dcnv2)
-from projects_dcnv2 import triton_kernels
+from projects_dcnv2.ops import triton_kernels
 
 pytestmark = pytest.mark.skipif(not triton_kernels.AVAILABLE, reason="Triton is not installed")
 
@@ -158,7 +158,7 @@ def test_private_backward_opcheck(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_tf32_flag_reaches_both_kernels(device, allow_tf32, monkeypatch):
     """Both launches get DOT_PRECISION from torch.backends.cudnn.allow_tf32 (not run: recorded)."""
-    from projects_dcnv2.triton_kernels import mdconv_backward
+    from projects_dcnv2.ops.triton_kernels import mdconv_backward
 
     seen = []
 
@@ -175,7 +175,7 @@ def test_tf32_flag_reaches_both_kernels(device, allow_tf32, monkeypatch):
 def test_autotuning_skips_tiles_wider_than_the_channels():
     """Tiny channel counts tune nothing (one config); the wide case's 20 / 40 / 18 channels keep the
     tiles of at most 32 channels; ResNet widths keep every config."""
-    from projects_dcnv2.triton_kernels import mdconv_backward as mb
+    from projects_dcnv2.ops.triton_kernels import mdconv_backward as mb
 
     for tuned in (mb._grad_input_offset_mask_tuned, mb._grad_weight_tuned):
         prune = tuned.early_config_prune
@@ -191,7 +191,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from projects_dcnv2.triton_kernels import mdconv_backward as mb
+from projects_dcnv2.ops.triton_kernels import mdconv_backward as mb
 
 accumulators = {"gin_ptr", "goff_ptr", "gmask_ptr", "gw_ptr"}  # float32 buffers
 for dtype, precision in (("bfloat16", "ieee"), ("float32", "tf32")):

@@ -132,7 +132,7 @@ def forward_reports():
     import triton
     import triton.language as tl
 
-    from projects_dcnv2.triton_kernels import mdconv_forward as mf
+    from projects_dcnv2.ops.triton_kernels import mdconv_forward as mf
 
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     _warm_up(bin_dir)
@@ -169,7 +169,7 @@ def backward_reports():
     import triton
     import triton.language as tl
 
-    from projects_dcnv2.triton_kernels import mdconv_backward as mb
+    from projects_dcnv2.ops.triton_kernels import mdconv_backward as mb
 
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     _warm_up(bin_dir)
@@ -321,7 +321,7 @@ BACKWARD_XFAIL = {
 
 
 def _backward_params():
-    from projects_dcnv2.triton_kernels import mdconv_backward as mb
+    from projects_dcnv2.ops.triton_kernels import mdconv_backward as mb
 
     params = []
     for name, configs in (("grad_input", mb._INPUT_CONFIGS), ("grad_weight", mb._WEIGHT_CONFIGS)):

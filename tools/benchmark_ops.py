@@ -14,7 +14,7 @@ and run in ONNX Runtime vs eager PyTorch. ONNX Runtime uses as many threads as P
 session.intra_op.allow_spinning=0 (idle threads that spin slow down whatever runs next).
 
 On CUDA (``--device cuda``) the mdconv rows instead time, in the same rounds: the fused Triton
-kernels (``torch.ops.dcnv2._triton_*``), the column path (``_cuda_*``), torchvision's
+kernels (``torch.ops.dcnv2._triton_*``), the column path (the public op's CUDA kernel), torchvision's
 deform_conv2d and cuDNN's conv2d, at each ``--batch``, forward and forward+backward (all through
 autograd, gradients of every input); each op's peak memory beyond its inputs, output and
 gradients (``max_memory_allocated``); the first call's time (Triton's compile and autotune) apart
@@ -263,16 +263,13 @@ def _fused_impls(device):
     fn(x, offset, mask, weight, dg). On CPU (the hidden --fused-on-cpu, Triton's interpreter) the
     column path's place is taken by the CPU op."""
     ops = torch.ops.dcnv2
-    column = "_cuda_" if device == "cuda" else ""
     pairs = {
         "triton": (
             ops._triton_modulated_deform_conv2d,
             ops._triton_modulated_deform_conv2d_backward,
         ),
-        "cuda": (
-            getattr(ops, column + "modulated_deform_conv2d"),
-            getattr(ops, "_" + column.lstrip("_") + "modulated_deform_conv2d_backward"),
-        ),
+        # the public op: its CUDA kernel is the column path (its CPU kernel under --fused-on-cpu)
+        "cuda": (ops.modulated_deform_conv2d, ops._modulated_deform_conv2d_backward),
     }
     return {
         "triton": lambda x, o, m, w, dg: _ViaOps.apply(pairs["triton"], x, o, m, w, dg),

@@ -1,7 +1,7 @@
 """The fused Triton implementation of ``modulated_deform_conv2d`` as opt-in operators.
 
 * ``torch.ops.dcnv2._triton_modulated_deform_conv2d`` / ``_triton_modulated_deform_conv2d_backward``:
-  the fused kernels (``projects_dcnv2/triton_kernels/``) behind the public operators' schemas. They
+  the fused kernels (``projects_dcnv2/ops/triton_kernels/``) behind the public operators' schemas. They
   run CUDA tensors, and CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
   before their first call.
 
@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import triton_kernels
+from . import triton_kernels
 
 __all__ = ["IMPL_ENV", "IMPLS", "resolve_impl"]
 
@@ -101,7 +101,7 @@ def _triton_mdconv(
     torch._check(
         reason is None, lambda: f"{_OP}the fused Triton kernel cannot run this call: {reason}"
     )
-    from ..triton_kernels.mdconv_forward import mdconv_forward
+    from .triton_kernels.mdconv_forward import mdconv_forward
 
     return mdconv_forward(input, offset, mask, weight, bias, *params)
 
@@ -135,10 +135,10 @@ def _triton_mdconv_backward(
     if not triton_kernels.fused_backward_state()[0]:
         raise NotImplementedError(
             "dcnv2._triton_modulated_deform_conv2d_backward: the fused backward "
-            "(projects_dcnv2/triton_kernels/mdconv_backward.py) is not available"
+            "(projects_dcnv2/ops/triton_kernels/mdconv_backward.py) is not available"
         )
     triton_kernels.alert_not_deterministic("dcnv2::_triton_modulated_deform_conv2d_backward")
-    from ..triton_kernels.mdconv_backward import mdconv_backward
+    from .triton_kernels.mdconv_backward import mdconv_backward
 
     return mdconv_backward(grad_output, input, offset, mask, weight, bias, *params)
 

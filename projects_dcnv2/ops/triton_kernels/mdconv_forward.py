@@ -32,7 +32,7 @@ is gathered once for all of them):
 float16, bfloat16 and float32 (TF32 products when ``torch.backends.cudnn.allow_tf32`` is set, as
 ``F.conv2d``; ``dot_precision``); float64 stays on the column path. Index arithmetic is int32: the
 dispatcher sends tensors whose element offsets pass 2**31 - 1 to the column path
-(``projects_dcnv2.triton_kernels.unsupported_reason``).
+(``projects_dcnv2.ops.triton_kernels.unsupported_reason``).
 """
 
 import functools
