@@ -82,7 +82,8 @@ def test_mdconv_low_precision_inputs_under_autocast(device, dtype):
     low = [t.detach().to(dtype).requires_grad_() for t in ref]
     upcast = [t.detach().float().requires_grad_() for t in low]
     expected, exact = _conv(*ref), _conv(*upcast)
-    if device == "cuda":  # on CUDA the op runs in the autocast dtype, as F.conv2d (csrc/ops/autocast)
+    # on CUDA the op runs in the autocast dtype, as F.conv2d (csrc/ops/autocast)
+    if device == "cuda":
         upcast = [t.detach().clone().requires_grad_() for t in low]
         exact = _conv(*upcast)
     with torch.autocast(device, dtype=dtype):
