@@ -130,6 +130,10 @@ def test_render_states_the_finding_and_the_page_matches_its_json():
     assert "**mdconv: +1.8 ± 0.7 box AP over 3 seeds**" in block  # t(2) * 0.2887 / sqrt(3)
     study["runs"][3]["box_ap"] = 40.0  # differences -10.5, 2, 2: the interval spans zero
     assert "no difference is resolvable at this scale" in study_tool.render_markdown(study)
+    study["runs"] = [r for r in study["runs"] if r["seed"] == 0]  # one paired seed: no interval
+    assert "**mdconv vs plain: one seed so far, no interval** (-10.5 box AP)" in (
+        study_tool.render_markdown(study)
+    )
 
 
 def test_the_results_page_matches_its_json():

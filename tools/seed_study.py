@@ -415,14 +415,12 @@ def finding(reference, config, diff):
             f"**{config}: {diff['mean']:+.1f} ± {diff['half']:.1f} box AP over {diff['n']} seeds** "
             f"(95% interval of the paired difference to {reference})."
         )
-    interval = (
-        "one seed, no interval"
-        if diff["half"] is None
-        else f"95% interval {diff['lo']:+.1f} to {diff['hi']:+.1f}"
-    )
+    if diff["half"] is None:
+        return f"**{config} vs {reference}: one seed so far, no interval** ({diff['mean']:+.1f} box AP)."
     return (
         f"**{config} vs {reference}: no difference is resolvable at this scale** "
-        f"({diff['mean']:+.1f} box AP, {interval}, {diff['n']} seeds)."
+        f"({diff['mean']:+.1f} box AP, 95% interval {diff['lo']:+.1f} to {diff['hi']:+.1f}, "
+        f"{diff['n']} seeds)."
     )
 
 
@@ -471,13 +469,18 @@ def render_markdown(study, plot_path=PLOT):
             if runs
             else "–"
         )
-    lines.append("| mean time | " + " | ".join(times) + " |")
+    lines.append("| mean time (shared VM) | " + " | ".join(times) + " |")
     reference = configs[0]
     pairs = [
         (a, b) for i, a in enumerate(configs) for b in configs[i + 1 :] if set(box[a]) & set(box[b])
     ]
     if pairs:
-        lines += ["", "Paired differences of box AP (second minus first, same seeds):", ""]
+        names = ", ".join(f"{c} = {LABELS[c]}" for c in configs)
+        lines += [
+            "",
+            f"Paired differences of box AP (second minus first, same seeds; {names}):",
+            "",
+        ]
         lines.append("| pair | seeds | mean difference | 95% interval |")
         lines.append("|---|---|---|---|")
         for a, b in pairs:
