@@ -1,15 +1,7 @@
 """Modulated deformable convolution (DCNv2, Zhu et al. 2018): the modules (the functional operator is
 ``projects_dcnv2.ops.modulated_deform_conv2d``, re-exported here).
 
-Shape shorthand: N batch, C input channels, H x W input size, Ho x Wo output size, kh x kw kernel,
-dg deformable groups, K = kh * kw kernel taps.
-
-Offset layout (the same as ``torchvision.ops.deform_conv2d`` and MMCV): ``offset`` has 2 * dg * K
-channels, ordered per deformable group, then per kernel tap (row-major, tap = i * kw + j), then
-(dy, dx): channel ``g * 2K + 2 * tap + 0`` is the vertical shift and ``+ 1`` the horizontal shift.
-``mask`` has dg * K channels, ordered per group then per tap. Tap (i, j) of output (ho, wo) samples
-the input at ``(ho * stride - pad + i * dilation + dy, wo * stride - pad + j * dilation + dx)``
-bilinearly; samples outside (-1, H) x (-1, W) are zero and pixels outside the map count as zero.
+Shapes and the offset / mask layout: ``projects_dcnv2.ops.deform_conv``'s docstring.
 """
 
 import math

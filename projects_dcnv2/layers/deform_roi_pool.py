@@ -1,13 +1,7 @@
 """Deformable RoI pooling as used by DCNv2's mdpool in MMDetection (MMCV ``DeformRoIPool`` semantics).
 
-Shape shorthand: N images, C channels, H x W feature map, K RoIs, P_h x P_w output bins.
-
-Each bin is sampled like aligned RoIAlign (Detectron2's ROIAlignV2): RoI corners are scaled by
-``spatial_scale`` and shifted by -0.5, each bin averages a grid of bilinear samples (``sampling_ratio``
-per side, or ceil(bin size) when it is 0), with RoIAlign's border rule. With an offset, the whole bin
-is translated by ``gamma * offset * RoI size``. Offset layout: (K, 2, P_h, P_w) with channel 0 the
-horizontal shift (dx, in units of the RoI width) and channel 1 the vertical shift (dy, RoI height):
-note this is (x, y), the opposite of the convolution's (dy, dx).
+Shapes, the sampling rule and the offset layout ((dx, dy), the opposite of the convolution's):
+``projects_dcnv2.ops.deform_roi_pool``'s docstring.
 """
 
 import math
