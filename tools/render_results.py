@@ -348,6 +348,31 @@ def gpu_models_more(docs):
     return "\n".join([*lines, ""])
 
 
+HOST_OVERHEAD = "benchmarks_host_overhead_cpu.json"  # tools/benchmark_ops.py --host-overhead --json
+
+
+@renderer("host_overhead", "docs/results/cpu_ops.md")
+def host_overhead(docs):
+    """Per-call time of tiny calls (all host overhead): ours against F.conv2d and torchvision's
+    deform_conv2d under grad, no_grad and inference_mode, ratios with their spread."""
+    result = _load(docs, HOST_OVERHEAD)
+    lines = [
+        f"`docs/{HOST_OVERHEAD}`: {result['machine']}, torch {result['torch']}, torchvision "
+        f"{result['torchvision']}, {result['date']}, commit {result['commit']}; {result['timing']}.",
+        "",
+        "| device | mode | us per call: F.conv2d / ours / torchvision | ours / F.conv2d "
+        "| torchvision / ours |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["host_overhead"]:
+        lines.append(
+            f"| {r['device']} | {r['mode']} | {r['conv2d_us']:.1f} / {r['ours_us']:.1f} / "
+            f"{r['torchvision_us']:.1f} | {bench_utils.format_ratio(r, 'ours/conv2d')} "
+            f"| {bench_utils.format_ratio(r, 'torchvision/ours')} |"
+        )
+    return "\n".join([*lines, ""])
+
+
 PROFILE = "profile_cpu.json"  # tools/profile_model.py --json
 
 
