@@ -116,8 +116,69 @@ def test_rerun_compares_with_the_record(tmp_path, capsys):
 
     assert study_tool.rerun(path, "plain", 0, other_build)  # another build: reported, not failed
     assert "difference +0.200 (another ops build" in capsys.readouterr().out
+    kept = study_tool.load_study(path)["reruns"]  # every rerun is kept in the JSON
+    assert [(e["difference"], e["same_ops_build"]) for e in kept] == [
+        (0, True), (pytest.approx(0.2), True), (pytest.approx(0.2), False)
+    ]  # fmt: skip
     with pytest.raises(SystemExit, match="mdconv seed 0 is not in"):
         study_tool.rerun(path, "mdconv", 0, fake_record)
+
+
+class FakeRunner:
+    """The runner's interface without train_net.py: checkpoints are a dict of val box APs."""
+
+    threads = 2
+
+    def __init__(self, checkpoints=None, retrained=None):
+        self.checkpoints = dict(checkpoints or {})  # (config, seed) -> val box AP of its log
+        self.retrained = retrained or {}  # (config, seed) -> val box AP a retraining gives
+        self.trained, self.evaluated = [], []
+
+    def __call__(self, config, seed):
+        self.trained.append((config, seed))
+        record = fake_record(config, seed)
+        record["box_ap"] = self.retrained.get((config, seed), record["box_ap"])
+        self.checkpoints[(config, seed)] = record["box_ap"]
+        return record
+
+    def checkpoint_ap(self, config, seed):
+        return self.checkpoints.get((config, seed))
+
+    def evaluate(self, config, seed):
+        self.evaluated.append((config, seed))
+        return {"dataset": "dcnv2_shapes_test", "box_ap": 60.0 + seed, "mask_ap": 1.0}
+
+
+def test_runs_get_a_test_ap_and_old_records_only_from_a_reproduced_checkpoint(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(study_tool, "build_info", lambda: fake_record("plain", 0)["build"])
+    path = tmp_path / "study.json"
+    runner = FakeRunner()
+    study = study_tool.run_study(path, ["plain"], [0], runner, evaluate=runner.evaluate)
+    assert study["runs"][0]["test"]["box_ap"] == 60.0 and runner.evaluated == [("plain", 0)]
+    study = study_tool.run_study(path, ["plain", "mdconv"], [0, 1, 2], runner)  # no test AP
+    assert sum("test" in r for r in study["runs"]) == 1
+
+    # mdconv 0's checkpoint is still there (its log agrees); plain 1's is gone and training it
+    # again reproduces it; mdconv 1 and plain 2 come back 0.3 AP away: not the recorded models.
+    runner = FakeRunner(
+        checkpoints={("mdconv", 0): 52.0, ("mdconv", 1): 53.3},
+        retrained={("plain", 2): 52.3},
+    )
+    left = study_tool.fill_test(path, runner, runner.evaluate)
+    assert runner.trained == [("plain", 1), ("plain", 2), ("mdconv", 2)]  # no checkpoint left
+    assert sorted(left) == [("mdconv", 1), ("plain", 2)]
+    study = study_tool.load_study(path)
+    tested = sorted((r["config"], r["seed"]) for r in study["runs"] if "test" in r)
+    assert tested == [("mdconv", 0), ("mdconv", 2), ("plain", 0), ("plain", 1)]
+    reruns = {(e["config"], e["seed"]): e for e in study["reruns"]}
+    assert len(reruns) == 5 and reruns[("plain", 2)]["difference"] == pytest.approx(0.3)
+    assert reruns[("plain", 1)]["difference"] == 0 and reruns[("plain", 1)]["same_ops_build"]
+    block = study_tool.render_markdown(study)
+    assert "test split (`dcnv2_shapes_test`" in block
+    assert "| 0 | 60.0 (1.0) | 60.0 (1.0) |" in block  # the test table, both configs at seed 0
+    assert "- plain seed 2: 52.000 recorded, 52.300 again (+0.300), the same ops build" in block
 
 
 def test_render_states_the_finding_and_the_page_matches_its_json():
@@ -155,6 +216,10 @@ def test_parse_log_reads_detectron2s_copypaste_lines():
         "[d2.evaluation.testing]: copypaste: 59.2500,81.0,62.0,31.0,56.0,61.0\n"
     )
     assert study_tool.parse_log(log) == (54.312, 59.25, 0.5528)
+    evaluation = log.split("\n", 1)[1]  # an --eval-only log has no training speed
+    assert study_tool.parse_aps(evaluation) == (54.312, 59.25)
+    with pytest.raises(RuntimeError, match="no training speed"):
+        study_tool.parse_log(evaluation)
     with pytest.raises(RuntimeError, match="no bbox AP"):
         study_tool.parse_log(log.replace("Task: bbox", "Task: keypoints"))
 

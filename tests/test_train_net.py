@@ -111,6 +111,7 @@ def test_shapes_dataset_is_valid_deterministic_and_race_free(tmp_path):
     ]
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     assert not [p for p in shared.parent.iterdir() if p.name != "dcnv2_shapes"]  # no temp left
+    assert sorted(p.name for p in shared.iterdir()) == sorted(["annotations", *SPLIT_SIZES])
     other = generate_shapes_dataset(str(tmp_path / "b" / "dcnv2_shapes"))
 
     for split, size in SPLIT_SIZES.items():
@@ -142,3 +143,27 @@ def test_shapes_dataset_is_valid_deterministic_and_race_free(tmp_path):
         "annotations"
     ]
     assert {a["category_id"] for a in counts} == set(range(1, len(CLASSES) + 1))
+
+
+def test_shapes_splits_are_made_on_demand_one_at_a_time(tmp_path, monkeypatch):
+    from detectron2.utils.file_io import PathManager
+
+    import projects_dcnv2  # noqa: F401  (registers the dcnv2_shapes:// handler)
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    root = tmp_path / "dcnv2_shapes"
+    # The evaluator resolves the annotation file: only that split is made.
+    local = PathManager.get_local_path("dcnv2_shapes://annotations/instances_val.json")
+    assert Path(local) == root / "annotations" / "instances_val.json" and Path(local).is_file()
+    assert sorted(p.name for p in root.iterdir()) == ["annotations", "val"]
+    # A folder made before a split existed gains it; the others are left as they are.
+    before = (root / "annotations" / "instances_val.json").stat().st_mtime_ns
+    generate_shapes_dataset(str(root), splits=["test"])
+    assert (root / "annotations" / "instances_val.json").stat().st_mtime_ns == before
+    assert len(list((root / "test").glob("*.png"))) == SPLIT_SIZES["test"]
+    val = json.loads((root / "annotations" / "instances_val.json").read_text())
+    test = json.loads((root / "annotations" / "instances_test.json").read_text())
+    assert val["annotations"][:3] != test["annotations"][:3]  # another seed, other images
+    assert (root / "val" / "000000.png").read_bytes() != (root / "test" / "000000.png").read_bytes()
+    with pytest.raises(ValueError, match="split: expected one of .* got 'tset'"):
+        generate_shapes_dataset(str(root), splits=["tset"])

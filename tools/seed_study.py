@@ -52,6 +52,8 @@ LABELS = {
     "mdpool": "mdpool (Faster R-CNN)",
     "mimic": "mdconv + mdpool + mimic",
 }
+TEST_SPLIT = "dcnv2_shapes_test"  # 2000 images: the AP a trained model gets, nearly free of
+# the evaluation noise of the 500 validation images (projects_dcnv2/data/shapes.py)
 PAGE = "docs/results/quick_configs.md"
 PLOT = "docs/images/seed_study_shapes.png"
 BEGIN, END = "<!-- seed-study -->", "<!-- /seed-study -->"
@@ -233,17 +235,25 @@ def build_info(repo=REPO):
     }
 
 
-def parse_log(log):
-    """(box AP, mask AP or None, s/iter) from a train_net.py log."""
+def parse_aps(log):
+    """(box AP, mask AP or None) from the copypaste lines of a train_net.py log."""
     aps = {}
     for task, values in re.findall(
         r"copypaste: Task: (\w+)\n.*copypaste: AP,.*\n.*copypaste: ([-\d.,naN]+)", log
     ):
         aps[task] = float(values.split(",")[0])
+    if "bbox" not in aps:
+        raise RuntimeError("train_net.py log: no bbox AP found")
+    return aps["bbox"], aps.get("segm")
+
+
+def parse_log(log):
+    """(box AP, mask AP or None, s/iter) from a train_net.py training log."""
+    box, mask = parse_aps(log)
     speed = re.findall(r"Overall training speed: .*\(([\d.]+) s / it\)", log)
-    if "bbox" not in aps or not speed:
-        raise RuntimeError("train_net.py log: no bbox AP or training speed found")
-    return aps["bbox"], aps.get("segm"), float(speed[-1])
+    if not speed:
+        raise RuntimeError("train_net.py log: no training speed found")
+    return box, mask, float(speed[-1])
 
 
 def loss_curve(metrics_path):
@@ -269,14 +279,13 @@ class TrainNetRunner:
     def run_dir(self, config, seed):
         return self.workdir / config / f"seed{seed}"
 
-    def __call__(self, config, seed):
-        out = self.run_dir(config, seed)
+    def _train_net(self, config, seed, out, args):
+        """Runs train_net.py with ``args`` into the fresh folder ``out``; (log text, wall s)."""
         shutil.rmtree(out, ignore_errors=True)  # a run interrupted half-way starts over
         out.mkdir(parents=True)
         cmd = [
             sys.executable, "train_net.py", "--config-file", f"{QUICK}/{CONFIGS[config]}",
-            "SEED", str(seed), "MODEL.WEIGHTS", str(self.init_path(seed)),
-            "OUTPUT_DIR", str(out), *self.opts,
+            *args, "SEED", str(seed), "OUTPUT_DIR", str(out), *self.opts,
         ]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONPATH=str(REPO))
         start = time.time()
@@ -285,7 +294,43 @@ class TrainNetRunner:
         wall = time.time() - start
         text = (out / "log.txt").read_text()
         if rc.returncode != 0:
-            raise RuntimeError(f"{config} seed {seed}: train_net.py failed:\n{text[-3000:]}")
+            raise RuntimeError(
+                f"{config} seed {seed}: {' '.join(cmd[1:4])} failed:\n{text[-3000:]}"
+            )
+        return text, wall
+
+    def evaluate(self, config, seed, dataset=TEST_SPLIT):
+        """Evaluates the run's final checkpoint on ``dataset`` (``--eval-only``, into
+        ``<run>/<dataset>``); returns the record's ``test`` entry."""
+        run = self.run_dir(config, seed)
+        weights = run / "model_final.pth"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{config} seed {seed}: no checkpoint {weights}")
+        args = ["--eval-only", "MODEL.WEIGHTS", str(weights), "DATASETS.TEST", f"('{dataset}',)"]
+        text, wall = self._train_net(config, seed, run / dataset, args)
+        box, mask = parse_aps(text)
+        return {
+            "dataset": dataset,
+            "box_ap": round(box, 3),
+            "mask_ap": None if mask is None else round(mask, 3),
+            "wall_s": round(wall, 1),
+        }
+
+    def checkpoint_ap(self, config, seed):
+        """Box AP the run folder's own training log reports, or None without a checkpoint."""
+        run = self.run_dir(config, seed)
+        if not (run / "model_final.pth").is_file() or not (run / "log.txt").is_file():
+            return None
+        try:
+            return parse_aps((run / "log.txt").read_text())[0]
+        except RuntimeError:
+            return None
+
+    def __call__(self, config, seed):
+        out = self.run_dir(config, seed)
+        text, wall = self._train_net(
+            config, seed, out, ["MODEL.WEIGHTS", str(self.init_path(seed))]
+        )
         box, mask, s_iter = parse_log(text)
         return {
             "config": config,
@@ -321,10 +366,11 @@ def pending(study):
     return [(c, s) for s in plan["seeds"] for c in plan["configs"] if (c, s) not in done]
 
 
-def run_study(path, configs, seeds, runner, prepare=None):
+def run_study(path, configs, seeds, runner, prepare=None, evaluate=None):
     """Runs the pending (config, seed) pairs of the study in ``path`` (created if absent), saving
     the JSON after each; the plan grows by ``configs`` and ``seeds``. ``prepare(seed, study)`` is
-    called once per seed before its first pending run (the initial state, the checks)."""
+    called once per seed before its first pending run (the initial state, the checks);
+    ``evaluate(config, seed)``, when given, after each run: its result is the record's ``test``."""
     study = load_study(path)
     plan = study["plan"]
     plan["configs"] = plan.get("configs", []) + [
@@ -340,10 +386,63 @@ def run_study(path, configs, seeds, runner, prepare=None):
             prepared.add(seed)
         print(f"seed_study: {config} seed {seed} ...", flush=True)
         record = runner(config, seed)
+        if evaluate is not None:
+            record["test"] = evaluate(config, seed)
         study["runs"].append(record)
         save_study(path, study)
         print(f"seed_study: {config} seed {seed}: box AP {record['box_ap']:.1f}", flush=True)
     return study
+
+
+def _rerun_entry(old, box_ap, build, threads):
+    ops = ("csrc", "csrc_dirty", "cpu", "cpu_flags", "torch")
+    same = all(build.get(k) == old["build"].get(k) for k in ops) and threads == old["threads"]
+    return {
+        "config": old["config"],
+        "seed": old["seed"],
+        "recorded": old["box_ap"],
+        "now": round(box_ap, 3),
+        "difference": round(box_ap - old["box_ap"], 3),
+        "same_ops_build": same,
+        "commit": build["commit"],
+        "csrc": build["csrc"],
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def fill_test(path, runner, evaluate, tolerance=0.1):
+    """Adds the ``test`` entry to every record of the study that lacks it, from the run folder's
+    checkpoint: a checkpoint left by an earlier run or rerun is used as it is, otherwise the run is
+    trained again. Either way the checkpoint's validation box AP is compared with the record and
+    the comparison kept in the JSON's ``reruns``; a checkpoint more than ``tolerance`` AP away is
+    not the recorded model, and its record gets no ``test`` entry.
+
+    Returns:
+        list: the (config, seed) pairs left without a ``test`` entry.
+    """
+    study = load_study(path)
+    left = []
+    order = study["plan"]["configs"]  # config by config: the reference's runs first
+    for old in sorted(study["runs"], key=lambda r: (order.index(r["config"]), r["seed"])):
+        if "test" in old:
+            continue
+        config, seed = old["config"], old["seed"]
+        box_ap = runner.checkpoint_ap(config, seed)
+        if box_ap is None:
+            print(f"seed_study: {config} seed {seed}: training it again ...", flush=True)
+            new = runner(config, seed)
+            box_ap, build, threads = new["box_ap"], new["build"], new["threads"]
+        else:
+            build, threads = build_info(), runner.threads
+        entry = _rerun_entry(old, box_ap, build, threads)
+        study.setdefault("reruns", []).append(entry)
+        print(f"seed_study: {config} seed {seed}: {json.dumps(entry)}", flush=True)
+        if abs(entry["difference"]) <= tolerance:
+            old["test"] = evaluate(config, seed)
+        else:
+            left.append((config, seed))
+        save_study(path, study)
+    return left
 
 
 def make_prepare(runner, opts=()):
@@ -380,10 +479,11 @@ def rerun(path, config, seed, runner, tolerance=0.1):
     if not old:
         raise SystemExit(f"--rerun: {config} seed {seed} is not in {path}")
     old, new = old[0], runner(config, seed)
-    ops = ("csrc", "csrc_dirty", "cpu", "cpu_flags", "torch")
-    same = all(new["build"].get(k) == old["build"].get(k) for k in ops)
-    same = same and new["threads"] == old["threads"]
-    diff = new["box_ap"] - old["box_ap"]
+    entry = _rerun_entry(old, new["box_ap"], new["build"], new["threads"])
+    study = load_study(path)
+    study.setdefault("reruns", []).append(entry)
+    save_study(path, study)
+    same, diff = entry["same_ops_build"], new["box_ap"] - old["box_ap"]
     print(
         f"{config} seed {seed}: box AP {new['box_ap']:.3f} now, {old['box_ap']:.3f} recorded: "
         f"difference {diff:+.3f} ({'same' if same else 'another'} ops build, CPU and thread count; "
@@ -399,12 +499,13 @@ def _fmt(value, digits=1, sign=False):
     return "–" if value is None else f"{value:{'+' if sign else ''}.{digits}f}"
 
 
-def by_config(study, key="box_ap"):
-    """config -> {seed: value}, in plan order."""
+def by_config(study, key="box_ap", split=None):
+    """config -> {seed: value}, in plan order; ``split="test"``: the record's test-split value."""
     table = {c: {} for c in study["plan"]["configs"]}
     for r in study["runs"]:
-        if r.get(key) is not None:
-            table.setdefault(r["config"], {})[r["seed"]] = r[key]
+        source = r if split is None else r.get(split, {})
+        if source.get(key) is not None:
+            table.setdefault(r["config"], {})[r["seed"]] = source[key]
     return table
 
 
@@ -424,27 +525,11 @@ def finding(reference, config, diff):
     )
 
 
-def render_markdown(study, plot_path=PLOT):
-    """The page block (between the markers) for ``study``."""
-    configs = study["plan"]["configs"]
-    seeds = study["plan"]["seeds"]
-    box, mask = by_config(study), by_config(study, "mask_ap")
-    done, planned = len(study["runs"]), len(configs) * len(seeds)
-    lines = [
-        f"- {done} of {planned} planned runs done ({len(configs)} configs x {len(seeds)} seeds)."
-    ]
-    builds = {(r["build"]["commit"][:7], r["build"]["csrc"][:7]) for r in study["runs"]}
-    cpus = {(r["build"]["cpu"], " ".join(r["build"]["cpu_flags"])) for r in study["runs"]}
-    threads = ", ".join(str(t) for t in sorted({r["threads"] for r in study["runs"]}))
-    for commit, csrc in sorted(builds):
-        lines.append(f"- Build: commit {commit}, csrc tree {csrc}; OMP threads: {threads}.")
-    for cpu, flags in sorted(cpus):
-        lines.append(f"- CPU: {cpu}; SIMD flags: {flags}.")
-    dates = sorted(r["date"] for r in study["runs"] if "date" in r)
-    if dates:
-        lines.append(f"- Runs finished between {dates[0]} and {dates[-1]}.")
-    lines += ["", "Box AP (mask AP) per seed:", ""]
-    lines.append("| seed | " + " | ".join(f"{LABELS[c]}" for c in configs) + " |")
+def _ap_tables(study, split, extra_row=None):
+    """The per-seed table, mean ± std, paired differences and findings of one split's APs."""
+    configs, seeds = study["plan"]["configs"], study["plan"]["seeds"]
+    box, mask = by_config(study, split=split), by_config(study, "mask_ap", split)
+    lines = ["| seed | " + " | ".join(f"{LABELS[c]}" for c in configs) + " |"]
     lines.append("|---" * (len(configs) + 1) + "|")
     for s in seeds:
         cells = [
@@ -460,16 +545,8 @@ def render_markdown(study, plot_path=PLOT):
         else:
             stats.append("–")
     lines.append("| mean ± std | " + " | ".join(stats) + " |")
-    times = []
-    for c in configs:
-        runs = [r for r in study["runs"] if r["config"] == c]
-        times.append(
-            f"{mean_std([r['s_per_iter'] for r in runs])[0]:.2f} s/iter, "
-            f"{mean_std([r['wall_s'] for r in runs])[0]:.0f} s"
-            if runs
-            else "–"
-        )
-    lines.append("| mean time (shared VM) | " + " | ".join(times) + " |")
+    if extra_row:
+        lines.append(extra_row)
     reference = configs[0]
     pairs = [
         (a, b) for i, a in enumerate(configs) for b in configs[i + 1 :] if set(box[a]) & set(box[b])
@@ -492,16 +569,82 @@ def render_markdown(study, plot_path=PLOT):
             if set(box[reference]) & set(box[b]):
                 diff = paired_difference(box[reference], box[b])
                 lines.append(f"- {finding(reference, b, diff)}")
+    return lines
+
+
+def _noise_line(noise, split_name):
+    mean, std = mean_std(noise["aps"])
+    slices = len(noise["aps"])
+    return (
+        f"Evaluation noise alone: the {noise['config']} seed {noise['seed']} model scored "
+        f"{', '.join(_fmt(a) for a in noise['aps'])} box AP on {slices} disjoint "
+        f"{noise['subset']}-image subsets of the {split_name} (std {_fmt(std)}; "
+        f"{_fmt(noise['full'])} on all {noise['images']} images), so the AP on all "
+        f"{noise['images']} images moves by about {_fmt(std / math.sqrt(slices))} "
+        f"(std / √{slices}) with the images drawn."
+    )
+
+
+def render_markdown(study, plot_path=PLOT):
+    """The page block (between the markers) for ``study``."""
+    configs = study["plan"]["configs"]
+    seeds = study["plan"]["seeds"]
+    done, planned = len(study["runs"]), len(configs) * len(seeds)
+    lines = [
+        f"- {done} of {planned} planned runs done ({len(configs)} configs x {len(seeds)} seeds)."
+    ]
+    builds = {(r["build"]["commit"][:7], r["build"]["csrc"][:7]) for r in study["runs"]}
+    cpus = {(r["build"]["cpu"], " ".join(r["build"]["cpu_flags"])) for r in study["runs"]}
+    threads = ", ".join(str(t) for t in sorted({r["threads"] for r in study["runs"]}))
+    for commit, csrc in sorted(builds):
+        runs = [r for r in study["runs"] if r["build"]["commit"][:7] == commit]
+        lines.append(
+            f"- Build: commit {commit}, csrc tree {csrc} ({len(runs)} runs); OMP threads: {threads}."
+        )
+    for cpu, flags in sorted(cpus):
+        lines.append(f"- CPU: {cpu}; SIMD flags: {flags}.")
+    dates = sorted(r["date"] for r in study["runs"] if "date" in r)
+    if dates:
+        lines.append(f"- Runs finished between {dates[0]} and {dates[-1]}.")
+    times = []
+    for c in configs:
+        runs = [r for r in study["runs"] if r["config"] == c]
+        times.append(
+            f"{mean_std([r['s_per_iter'] for r in runs])[0]:.2f} s/iter, "
+            f"{mean_std([r['wall_s'] for r in runs])[0]:.0f} s"
+            if runs
+            else "–"
+        )
+    time_row = "| mean time (shared VM) | " + " | ".join(times) + " |"
+    lines += ["", "Box AP (mask AP) per seed on the validation split (`dcnv2_shapes_val`):", ""]
+    lines += _ap_tables(study, None, time_row)
     noise = study.get("eval_noise")
     if noise:
-        mean, std = mean_std(noise["aps"])
+        lines += ["", _noise_line(noise, "validation split")]
+    if any("test" in r for r in study["runs"]):
+        images = study.get("eval_noise_test", {}).get("images")
+        size = f"{images}-image " if images else ""
         lines += [
             "",
-            f"Evaluation noise alone: the {noise['config']} seed {noise['seed']} model scored "
-            f"{', '.join(_fmt(a) for a in noise['aps'])} box AP on {len(noise['aps'])} disjoint "
-            f"{noise['subset']}-image subsets of the validation split (std {_fmt(std)}; "
-            f"{_fmt(noise['full'])} on all {noise['images']} images).",
+            f"The same models on the {size}test split (`{TEST_SPLIT}`, held out like the "
+            "validation split, evaluated with `--eval-only` after each run), where the images "
+            "drawn move the AP less: the spread between seeds there is the training's own.",
+            "",
         ]
+        lines += _ap_tables(study, "test")
+        noise = study.get("eval_noise_test")
+        if noise:
+            lines += ["", _noise_line(noise, "test split")]
+    reruns = study.get("reruns", [])
+    if reruns:
+        lines += ["", "Reruns of recorded runs with the tool (box AP on the validation split):", ""]
+        for e in reruns:
+            build = "the same ops build" if e["same_ops_build"] else f"csrc tree {e['csrc'][:7]}"
+            lines.append(
+                f"- {e['config']} seed {e['seed']}: {e['recorded']:.3f} recorded, "
+                f"{e['now']:.3f} again ({e['difference']:+.3f}), {build}, commit "
+                f"{e['commit'][:7]}, {e['date']}."
+            )
     if plot_path and study["runs"]:
         rel = os.path.relpath(REPO / plot_path, (REPO / PAGE).parent)
         lines += ["", f"![box AP per seed and config, one line per seed]({rel})"]
@@ -518,26 +661,33 @@ def update_page(text, block):
 
 
 def plot(study, path):
-    """Box AP per config, one line per seed joining its runs, and each config's mean ± std."""
+    """Box AP per config, one line per seed joining its runs, and each config's mean ± std: one
+    panel for the validation split and, once runs have it, one for the test split."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     configs = study["plan"]["configs"]
-    box = by_config(study)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for s in study["plan"]["seeds"]:
-        xs = [i for i, c in enumerate(configs) if s in box[c]]
-        ax.plot(xs, [box[configs[i]][s] for i in xs], "o-", alpha=0.7, label=f"seed {s}")
-    for i, c in enumerate(configs):
-        if len(box[c]) > 1:
-            mean, std = mean_std(list(box[c].values()))
-            ax.errorbar(i + 0.12, mean, yerr=std, fmt="ks", capsize=4)
-    ax.set_xticks(range(len(configs)), [LABELS[c] for c in configs])
-    ax.set_ylabel("box AP (dcnv2_shapes_val)")
-    ax.set_title("Quick configs: box AP per seed (black: mean ± std)")
-    ax.legend(fontsize=8)
+    panels = [(None, "dcnv2_shapes_val")]
+    if any("test" in r for r in study["runs"]):
+        panels.append(("test", TEST_SPLIT))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(6 * len(panels), 4), dpi=100, sharey=True, squeeze=False
+    )
+    for ax, (split, name) in zip(axes[0], panels):
+        box = by_config(study, split=split)
+        for s in study["plan"]["seeds"]:
+            xs = [i for i, c in enumerate(configs) if s in box[c]]
+            ax.plot(xs, [box[configs[i]][s] for i in xs], "o-", alpha=0.7, label=f"seed {s}")
+        for i, c in enumerate(configs):
+            if len(box[c]) > 1:
+                mean, std = mean_std(list(box[c].values()))
+                ax.errorbar(i + 0.12, mean, yerr=std, fmt="ks", capsize=4)
+        ax.set_xticks(range(len(configs)), [LABELS[c] for c in configs])
+        ax.set_ylabel(f"box AP ({name})")
+        ax.set_title(f"box AP per seed on {name} (black: mean ± std)", fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -547,8 +697,10 @@ def plot(study, path):
 # ---- evaluation noise -------------------------------------------------------------------------
 
 
-def eval_noise(run_dir, subset):
-    """Box AP of one run's saved detections on disjoint ``subset``-image slices of the val split."""
+def eval_noise(run_dir, subset, dataset="dcnv2_shapes_val"):
+    """Box AP of one run's saved detections on ``dataset`` (its validation split, or the test
+    split it was evaluated on with :meth:`TrainNetRunner.evaluate`) on disjoint ``subset``-image
+    slices, and on all images."""
     import contextlib
     import io
 
@@ -557,10 +709,14 @@ def eval_noise(run_dir, subset):
 
     from projects_dcnv2.data.shapes import generate_shapes_dataset
 
-    gt_path = Path(generate_shapes_dataset()) / "annotations" / "instances_val.json"
+    split = dataset.rsplit("_", 1)[1]
+    gt_path = (
+        Path(generate_shapes_dataset(splits=[split])) / "annotations" / f"instances_{split}.json"
+    )
+    folder = Path(run_dir) if split == "val" else Path(run_dir) / dataset
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_path))
-        dets = gt.loadRes(str(Path(run_dir) / "inference" / "coco_instances_results.json"))
+        dets = gt.loadRes(str(folder / "inference" / "coco_instances_results.json"))
 
     def ap(image_ids):
         e = COCOeval(gt, dets, "bbox")
@@ -571,7 +727,13 @@ def eval_noise(run_dir, subset):
 
     ids = sorted(gt.getImgIds())
     chunks = [ids[i : i + subset] for i in range(0, len(ids) - subset + 1, subset)]
-    return {"subset": subset, "images": len(ids), "full": ap(ids), "aps": [ap(c) for c in chunks]}
+    return {
+        "dataset": dataset,
+        "subset": subset,
+        "images": len(ids),
+        "full": ap(ids),
+        "aps": [ap(c) for c in chunks],
+    }
 
 
 def main(argv=None):
@@ -589,6 +751,15 @@ def main(argv=None):
     parser.add_argument("--rerun", nargs=2, metavar=("CONFIG", "SEED"))
     parser.add_argument("--eval-noise", nargs=2, metavar=("CONFIG", "SEED"))
     parser.add_argument("--subset", type=int, default=100, help="images per --eval-noise slice")
+    parser.add_argument(
+        "--split", choices=["val", "test"], default="val", help="the split --eval-noise slices"
+    )
+    parser.add_argument(
+        "--eval-test",
+        action="store_true",
+        help=f"evaluate every recorded run lacking it on {TEST_SPLIT} (training it again first "
+        "when its checkpoint is gone, and checking the validation AP against the record)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="extra train_net.py KEY VALUE pairs")
     args = parser.parse_args(argv)
     json_path = REPO / args.json
@@ -613,12 +784,23 @@ def main(argv=None):
     elif args.eval_noise:
         config, seed = args.eval_noise[0], int(args.eval_noise[1])
         study = load_study(json_path)
-        noise = eval_noise(runner.run_dir(config, seed), args.subset)
-        study["eval_noise"] = {"config": config, "seed": seed, **noise}
+        noise = eval_noise(runner.run_dir(config, seed), args.subset, f"dcnv2_shapes_{args.split}")
+        key = "eval_noise" if args.split == "val" else "eval_noise_test"
+        study[key] = {"config": config, "seed": seed, **noise}
         save_study(json_path, study)
-        print(json.dumps(study["eval_noise"]))
+        print(json.dumps(study[key]))
+    elif args.eval_test:
+        for seed in sorted({r["seed"] for r in load_study(json_path)["runs"]}):
+            if not runner.init_path(seed).exists():
+                initial_state(seed, runner.init_path(seed), args.opts)
+        left = fill_test(json_path, runner, runner.evaluate)
+        if left:
+            sys.exit(f"seed_study: not reproduced within 0.1 AP, left without a test AP: {left}")
     else:
-        run_study(json_path, args.configs, args.seeds, runner, make_prepare(runner, args.opts))
+        run_study(
+            json_path, args.configs, args.seeds, runner, make_prepare(runner, args.opts),
+            runner.evaluate,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

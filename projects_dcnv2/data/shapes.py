@@ -8,18 +8,23 @@ has a box and an exact polygon mask. Generation is deterministic (fixed seeds pe
 Registered datasets (on ``import projects_dcnv2``, nothing is written then):
 
 * ``dcnv2_shapes_train``: ``SPLIT_SIZES["train"]`` images,
-* ``dcnv2_shapes_val``: ``SPLIT_SIZES["val"]`` held-out images (other seed).
+* ``dcnv2_shapes_val``: ``SPLIT_SIZES["val"]`` held-out images (other seed), the quick configs'
+  evaluation split,
+* ``dcnv2_shapes_test``: ``SPLIT_SIZES["test"]`` further held-out images (third seed), large
+  enough that a model's AP on it varies little with the images drawn: the seed study measures the
+  training spread on it (``tools/seed_study.py``).
 
 Files live in ``$DETECTRON2_DATASETS/dcnv2_shapes`` (default ``./datasets/dcnv2_shapes``)::
 
     annotations/instances_{train,val}.json
     {train,val}/000000.png ...
 
-They are generated on first use: when a dataset is loaded (``DatasetCatalog.get``) or when its
+Each split is generated on first use: when its dataset is loaded (``DatasetCatalog.get``) or when its
 ``json_file`` is resolved through Detectron2's ``PathManager`` (as ``COCOEvaluator`` does;
 ``json_file`` is a ``dcnv2_shapes://`` path served by :class:`ShapesPathHandler`, the same
-mechanism as Detectron2's ``detectron2://`` model-zoo paths). Generation writes a temporary
-folder and renames it into place, so concurrent processes (one per GPU) are safe. Delete the
+mechanism as Detectron2's ``detectron2://`` model-zoo paths). A split is generated into a
+temporary folder and renamed into place, its annotation file last, so concurrent processes (one
+per GPU) are safe and a folder from an older version gains the splits it lacks. Delete the
 folder to regenerate.
 """
 
@@ -43,8 +48,8 @@ logger = logging.getLogger(__name__)
 
 CLASSES = ("circle", "triangle", "square", "star")
 IMAGE_SIZE = 128
-SPLIT_SIZES = {"train": 600, "val": 500}
-_SPLIT_SEEDS = {"train": 0, "val": 1}
+SPLIT_SIZES = {"train": 600, "val": 500, "test": 2000}
+_SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 _PREFIX = "dcnv2_shapes://"
 
 
@@ -131,6 +136,7 @@ def _render_image(rng, image_id, file_name):
 
 
 def _write_split(folder, split):
+    """Write ``folder/<split>/*.png`` and ``folder/instances_<split>.json``."""
     rng = np.random.RandomState(_SPLIT_SEEDS[split])
     os.makedirs(os.path.join(folder, split))
     images, annotations = [], []
@@ -149,35 +155,54 @@ def _write_split(folder, split):
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)],
     }
-    with open(os.path.join(folder, "annotations", f"instances_{split}.json"), "w") as f:
+    with open(os.path.join(folder, f"instances_{split}.json"), "w") as f:
         json.dump(coco, f)
 
 
-def generate_shapes_dataset(root=None):
-    """Write both splits under ``root`` (default :func:`shapes_root`) unless it exists.
+def _annotation_file(root, split):
+    return os.path.join(root, "annotations", f"instances_{split}.json")
+
+
+def generate_shapes_dataset(root=None, splits=None):
+    """Write the ``splits`` (default: all of ``SPLIT_SIZES``) under ``root`` (default
+    :func:`shapes_root`) that are not there yet; a split is there once its annotation file is.
 
     Returns:
         str: ``root``.
     """
     root = root or shapes_root()
-    if os.path.isdir(root):
+    splits = list(SPLIT_SIZES) if splits is None else list(splits)
+    for split in splits:
+        if split not in SPLIT_SIZES:
+            raise ValueError(f"split: expected one of {list(SPLIT_SIZES)}, got {split!r}")
+    missing = [s for s in splits if not os.path.isfile(_annotation_file(root, s))]
+    if not missing:
         return root
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".dcnv2_shapes.tmp-", dir=parent)
-    try:
-        os.makedirs(os.path.join(tmp, "annotations"))
-        for split in SPLIT_SIZES:
-            _write_split(tmp, split)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    for split in missing:
+        tmp = tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=root)
         try:
-            os.rename(tmp, root)  # atomic; fails if another process finished first
-            logger.info(f"Generated the shapes data set in {root}")
-        except OSError:
-            if not os.path.isdir(root):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _write_split(tmp, split)
+            try:  # atomic; fails when another process moved its identical copy first
+                os.rename(os.path.join(tmp, split), os.path.join(root, split))
+            except OSError:
+                if not os.path.isdir(os.path.join(root, split)):
+                    raise
+            # The annotation file last: its presence says the split is complete.
+            os.replace(os.path.join(tmp, f"instances_{split}.json"), _annotation_file(root, split))
+            logger.info(f"Generated the shapes data set's {split} split in {root}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _split_of(relative_path):
+    """The split a ``dcnv2_shapes://`` path belongs to, or None (then every split is made)."""
+    name = os.path.basename(relative_path)
+    for split in SPLIT_SIZES:
+        if name == f"instances_{split}.json" or relative_path.startswith(f"{split}/"):
+            return split
+    return None
 
 
 class ShapesPathHandler(PathHandler):
@@ -188,7 +213,10 @@ class ShapesPathHandler(PathHandler):
         return [_PREFIX]
 
     def _get_local_path(self, path, force=False, **kwargs):
-        return os.path.join(generate_shapes_dataset(), path[len(_PREFIX) :])
+        relative = path[len(_PREFIX) :]
+        split = _split_of(relative)
+        root = generate_shapes_dataset(splits=None if split is None else [split])
+        return os.path.join(root, relative)
 
     def _open(self, path, mode="r", buffering=-1, **kwargs):
         return PathManager.open(self._get_local_path(path), mode, buffering, **kwargs)
@@ -201,7 +229,7 @@ class ShapesPathHandler(PathHandler):
 
 
 def _load_split(split, dataset_name):
-    root = generate_shapes_dataset()
+    root = generate_shapes_dataset(splits=[split])
     return load_coco_json(
         os.path.join(root, "annotations", f"instances_{split}.json"),
         os.path.join(root, split),
@@ -210,7 +238,7 @@ def _load_split(split, dataset_name):
 
 
 def register_shapes_datasets():
-    """Register ``dcnv2_shapes_{train,val}`` (lazy: nothing is generated here)."""
+    """Register ``dcnv2_shapes_{train,val,test}`` (lazy: nothing is generated here)."""
     PathManager.register_handler(ShapesPathHandler())
     root = shapes_root()
     for split in SPLIT_SIZES:
