@@ -181,6 +181,41 @@ def test_runs_get_a_test_ap_and_old_records_only_from_a_reproduced_checkpoint(
     assert "- plain seed 2: 52.000 recorded, 52.300 again (+0.300), the same ops build" in block
 
 
+def test_the_runner_evaluates_the_final_checkpoint_on_the_test_split(tmp_path, monkeypatch):
+    runner = study_tool.TrainNetRunner(tmp_path, threads=2)
+    with pytest.raises(FileNotFoundError, match="mdconv seed 1: no checkpoint"):
+        runner.evaluate("mdconv", 1)
+    run = runner.run_dir("mdconv", 1)
+    run.mkdir(parents=True)
+    (run / "model_final.pth").write_bytes(b"")
+    commands = []
+
+    def fake_run(cmd, cwd, env, stdout, stderr):
+        commands.append((cmd, env))
+        stdout.write(
+            "copypaste: Task: bbox\ncopypaste: AP,AP50\ncopypaste: 61.5,90.0\n"
+            "copypaste: Task: segm\ncopypaste: AP,AP50\ncopypaste: 63.25,91.0\n"
+        )
+        return study_tool.subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(study_tool.subprocess, "run", fake_run)
+    entry = runner.evaluate("mdconv", 1)
+    assert (entry["dataset"], entry["box_ap"], entry["mask_ap"]) == (
+        "dcnv2_shapes_test",
+        61.5,
+        63.25,
+    )
+    ((cmd, env),) = commands
+    args = " ".join(cmd[1:])
+    assert args.startswith(
+        "train_net.py --config-file configs/quick_schedules/" + study_tool.CONFIGS["mdconv"]
+    )
+    assert f"--eval-only MODEL.WEIGHTS {run / 'model_final.pth'}" in args
+    assert "DATASETS.TEST ('dcnv2_shapes_test',) SEED 1" in args
+    assert f"OUTPUT_DIR {run / 'dcnv2_shapes_test'}" in args and env["OMP_NUM_THREADS"] == "2"
+    assert runner.checkpoint_ap("mdconv", 1) is None  # the run's own log is not there
+
+
 def test_render_states_the_finding_and_the_page_matches_its_json():
     study = {"plan": {"configs": ["plain", "mdconv"], "seeds": [0, 1, 2]}, "runs": []}
     study["runs"] = [fake_record(c, s) for c in ("plain", "mdconv") for s in (0, 1, 2)]
