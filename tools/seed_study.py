@@ -73,6 +73,12 @@ def mean_std(values):
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
+def median(values):
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def _t_cdf_from_zero(x, df):
     """P(0 < T < x) for Student's t with ``df`` degrees of freedom (Simpson's rule on the pdf)."""
     log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
@@ -593,13 +599,14 @@ def render_markdown(study, plot_path=PLOT):
     lines = [
         f"- {done} of {planned} planned runs done ({len(configs)} configs x {len(seeds)} seeds)."
     ]
-    builds = {(r["build"]["commit"][:7], r["build"]["csrc"][:7]) for r in study["runs"]}
     cpus = {(r["build"]["cpu"], " ".join(r["build"]["cpu_flags"])) for r in study["runs"]}
     threads = ", ".join(str(t) for t in sorted({r["threads"] for r in study["runs"]}))
-    for commit, csrc in sorted(builds):
-        runs = [r for r in study["runs"] if r["build"]["commit"][:7] == commit]
+    for csrc in sorted({r["build"]["csrc"][:7] for r in study["runs"]}):
+        runs = [r for r in study["runs"] if r["build"]["csrc"][:7] == csrc]
+        commits = ", ".join(sorted({r["build"]["commit"][:7] for r in runs}))
         lines.append(
-            f"- Build: commit {commit}, csrc tree {csrc} ({len(runs)} runs); OMP threads: {threads}."
+            f"- Ops build: csrc tree {csrc} ({len(runs)} run{'s' * (len(runs) != 1)}; "
+            f"commit {commits}); OMP threads: {threads}."
         )
     for cpu, flags in sorted(cpus):
         lines.append(f"- CPU: {cpu}; SIMD flags: {flags}.")
@@ -610,12 +617,12 @@ def render_markdown(study, plot_path=PLOT):
     for c in configs:
         runs = [r for r in study["runs"] if r["config"] == c]
         times.append(
-            f"{mean_std([r['s_per_iter'] for r in runs])[0]:.2f} s/iter, "
-            f"{mean_std([r['wall_s'] for r in runs])[0]:.0f} s"
+            f"{median([r['s_per_iter'] for r in runs]):.2f} s/iter, "
+            f"{median([r['wall_s'] for r in runs]):.0f} s"
             if runs
             else "–"
         )
-    time_row = "| mean time (shared VM) | " + " | ".join(times) + " |"
+    time_row = "| median time a run | " + " | ".join(times) + " |"
     lines += ["", "Box AP (mask AP) per seed on the validation split (`dcnv2_shapes_val`):", ""]
     lines += _ap_tables(study, None, time_row)
     noise = study.get("eval_noise")
