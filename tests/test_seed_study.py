@@ -46,6 +46,9 @@ def test_statistics_by_hand():
     assert d["lo"] == pytest.approx(7 / 3 - 4.303 / 3, abs=2e-4)
     with pytest.raises(ValueError, match="share no seed"):
         study_tool.paired_difference({0: 1.0}, {1: 2.0})
+    # sd 2.47: n = 26 gives t(25) 2.060 * 2.47 / sqrt(26) = 0.998, n = 25 gives 2.064 * 2.47 / 5 = 1.020
+    assert study_tool.seeds_for_half_width(2.47) == 26
+    assert study_tool.seeds_for_half_width(0.1) == 2  # t(1) = 12.7: 12.7 * 0.1 / sqrt(2) = 0.9
     with pytest.raises(ValueError, match="expected 0.5 < p < 1, got p=0.2"):
         study_tool.t_quantile(0.2, 3)
 
@@ -226,7 +229,9 @@ def test_render_states_the_finding_and_the_page_matches_its_json():
     assert "| 0 | 50.5 (40.0) | 52.0 (40.0) |" in block
     assert "**mdconv: +1.8 ± 0.7 box AP over 3 seeds**" in block  # t(2) * 0.2887 / sqrt(3)
     study["runs"][3]["box_ap"] = 40.0  # differences -10.5, 2, 2: the interval spans zero
-    assert "no difference is resolvable at this scale" in study_tool.render_markdown(study)
+    block = study_tool.render_markdown(study)  # differences -10.5, 2, 2: sd 7.217
+    assert "no difference is resolvable at this scale" in block
+    assert "std 7.2, an interval of ±1.0 AP would take 203 seeds" in block
     study["runs"] = [r for r in study["runs"] if r["seed"] == 0]  # one paired seed: no interval
     assert "**mdconv vs plain: one seed so far, no interval** (-10.5 box AP)" in (
         study_tool.render_markdown(study)

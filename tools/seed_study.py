@@ -125,6 +125,18 @@ def paired_difference(reference, other, level=0.95):
     return {"n": len(diffs), "mean": mean, "half": half, "lo": mean - half, "hi": mean + half}
 
 
+def seeds_for_half_width(sd, half=1.0, level=0.95):
+    """The fewest paired seeds whose ``level`` Student-t interval has a half-width of at most
+    ``half``, for paired differences of standard deviation ``sd``."""
+    if sd <= 0:
+        return 2
+    # t > z: no n below the normal approximation's (z = 1.95996 for 95%) can do.
+    n = max(2, math.ceil((1.959963 * sd / half) ** 2)) if level == 0.95 else 2
+    while t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n) > half:
+        n += 1
+    return n
+
+
 # ---- pairing checks ---------------------------------------------------------------------------
 
 
@@ -524,10 +536,12 @@ def finding(reference, config, diff):
         )
     if diff["half"] is None:
         return f"**{config} vs {reference}: one seed so far, no interval** ({diff['mean']:+.1f} box AP)."
+    sd = diff["half"] * math.sqrt(diff["n"]) / t_quantile(0.975, diff["n"] - 1)
     return (
         f"**{config} vs {reference}: no difference is resolvable at this scale** "
         f"({diff['mean']:+.1f} box AP, 95% interval {diff['lo']:+.1f} to {diff['hi']:+.1f}, "
-        f"{diff['n']} seeds)."
+        f"{diff['n']} seeds; at this spread of the paired differences, std {sd:.1f}, an interval "
+        f"of ±1.0 AP would take {seeds_for_half_width(sd)} seeds)."
     )
 
 
@@ -649,7 +663,7 @@ def render_markdown(study, plot_path=PLOT):
             build = "the same ops build" if e["same_ops_build"] else f"csrc tree {e['csrc'][:7]}"
             lines.append(
                 f"- {e['config']} seed {e['seed']}: {e['recorded']:.3f} recorded, "
-                f"{e['now']:.3f} again ({e['difference']:+.3f}), {build}, commit "
+                f"{e['now']:.3f} again ({e['difference'] or 0.0:+.3f}), {build}, commit "
                 f"{e['commit'][:7]}, {e['date']}."
             )
     if plot_path and study["runs"]:
