@@ -5,6 +5,7 @@
     python tools/seed_study.py --render            # the page block and the plot, from the JSON
     python tools/seed_study.py --rerun mdconv 3    # rerun one listed run, print the AP difference
     python tools/seed_study.py --eval-noise plain 0 --subset 100   # box AP on disjoint val subsets
+    python tools/seed_study.py --eval-test         # the test-split AP of recorded runs lacking it
 
 Pairing: seed ``s`` gives every config the same start. The plain twin is built with ``SEED s``
 and its initial weights are saved (``<workdir>/init/seed<s>.pth``); every config, the plain twin
@@ -16,9 +17,14 @@ included, for every config (:func:`data_fingerprint`). What stays unpaired: RPN 
 sampling draws from torch's generator, whose state after building differs between models.
 
 Each run is a ``train_net.py`` subprocess whose log, metrics and checkpoint stay in
-``<workdir>/<config>/seed<s>``. The JSON (``--json``) is rewritten after every run: a finished
-(config, seed) is never rerun, so an interrupted study resumes by running the same command.
-Each record holds box / mask AP, s/iter, wall time, the loss curve and the build (git commit,
+``<workdir>/<config>/seed<s>``; its final checkpoint is then evaluated on the 2000-image test
+split (``--eval-only``), whose AP depends far less on the images drawn than the validation
+split's, so that the spread between seeds there is the training's own. Reruns (``--rerun``, and
+``--eval-test`` when a checkpoint is gone) are kept in the JSON with their AP difference.
+
+The JSON (``--json``) is rewritten after every run: a finished (config, seed) is never rerun,
+so an interrupted study resumes by running the same command. Each record holds box / mask AP,
+the test split's, s/iter, wall time, the loss curve and the build (git commit,
 ``git rev-parse HEAD:csrc``, CPU model and SIMD flags, torch, threads).
 """
 
