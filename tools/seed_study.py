@@ -37,6 +37,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -79,12 +80,6 @@ def mean_std(values):
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
-def median(values):
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def _t_cdf_from_zero(x, df):
     """P(0 < T < x) for Student's t with ``df`` degrees of freedom (Simpson's rule on the pdf)."""
     log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
@@ -117,8 +112,8 @@ def paired_difference(reference, other, level=0.95):
     """``other - reference`` over the seeds both dicts (seed -> AP) hold.
 
     Returns:
-        dict: n, mean, half (the half-width of the ``level`` Student-t interval, None for n < 2),
-        lo, hi.
+        dict: n, mean, sd (of the differences), half (the half-width of the ``level``
+        Student-t interval), lo, hi; sd, half, lo and hi are None for n < 2.
     """
     seeds = sorted(set(reference) & set(other))
     if not seeds:
@@ -126,9 +121,11 @@ def paired_difference(reference, other, level=0.95):
     diffs = [other[s] - reference[s] for s in seeds]
     mean, sd = mean_std(diffs)
     if sd is None:
-        return {"n": 1, "mean": mean, "half": None, "lo": None, "hi": None}
+        return {"n": 1, "mean": mean, "sd": None, "half": None, "lo": None, "hi": None}
     half = t_quantile(0.5 + level / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return {"n": len(diffs), "mean": mean, "half": half, "lo": mean - half, "hi": mean + half}
+    return {
+        "n": len(diffs), "mean": mean, "sd": sd, "half": half, "lo": mean - half, "hi": mean + half
+    }  # fmt: skip
 
 
 def seeds_for_half_width(sd, half=1.0, level=0.95):
@@ -542,12 +539,11 @@ def finding(reference, config, diff):
         )
     if diff["half"] is None:
         return f"**{config} vs {reference}: one seed so far, no interval** ({diff['mean']:+.1f} box AP)."
-    sd = diff["half"] * math.sqrt(diff["n"]) / t_quantile(0.975, diff["n"] - 1)
     return (
         f"**{config} vs {reference}: no difference is resolvable at this scale** "
         f"({diff['mean']:+.1f} box AP, 95% interval {diff['lo']:+.1f} to {diff['hi']:+.1f}, "
-        f"{diff['n']} seeds; at this spread of the paired differences, std {sd:.1f}, an interval "
-        f"of ±1.0 AP would take {seeds_for_half_width(sd)} seeds)."
+        f"{diff['n']} seeds; at this spread of the paired differences, std {diff['sd']:.1f}, an "
+        f"interval of ±1.0 AP would take {seeds_for_half_width(diff['sd'])} seeds)."
     )
 
 
@@ -637,8 +633,8 @@ def render_markdown(study, plot_path=PLOT):
     for c in configs:
         runs = [r for r in study["runs"] if r["config"] == c]
         times.append(
-            f"{median([r['s_per_iter'] for r in runs]):.2f} s/iter, "
-            f"{median([r['wall_s'] for r in runs]):.0f} s"
+            f"{statistics.median([r['s_per_iter'] for r in runs]):.2f} s/iter, "
+            f"{statistics.median([r['wall_s'] for r in runs]):.0f} s"
             if runs
             else "–"
         )
@@ -724,10 +720,10 @@ def plot(study, path):
 # ---- evaluation noise -------------------------------------------------------------------------
 
 
-def eval_noise(run_dir, subset, dataset="dcnv2_shapes_val"):
-    """Box AP of one run's saved detections on ``dataset`` (its validation split, or the test
-    split it was evaluated on with :meth:`TrainNetRunner.evaluate`) on disjoint ``subset``-image
-    slices, and on all images."""
+def eval_noise(run_dir, subset, split="val"):
+    """Box AP of one run's saved detections on the ``split`` ("val": its validation split, or
+    "test": the test split it was evaluated on with :meth:`TrainNetRunner.evaluate`) on disjoint
+    ``subset``-image slices, and on all images."""
     import contextlib
     import io
 
@@ -736,7 +732,7 @@ def eval_noise(run_dir, subset, dataset="dcnv2_shapes_val"):
 
     from projects_dcnv2.data.shapes import generate_shapes_dataset
 
-    split = dataset.rsplit("_", 1)[1]
+    dataset = f"dcnv2_shapes_{split}"
     gt_path = (
         Path(generate_shapes_dataset(splits=[split])) / "annotations" / f"instances_{split}.json"
     )
@@ -811,7 +807,7 @@ def main(argv=None):
     elif args.eval_noise:
         config, seed = args.eval_noise[0], int(args.eval_noise[1])
         study = load_study(json_path)
-        noise = eval_noise(runner.run_dir(config, seed), args.subset, f"dcnv2_shapes_{args.split}")
+        noise = eval_noise(runner.run_dir(config, seed), args.subset, args.split)
         key = "eval_noise" if args.split == "val" else "eval_noise_test"
         study[key] = {"config": config, "seed": seed, **noise}
         save_study(json_path, study)

@@ -231,7 +231,7 @@ class ShapesPathHandler(PathHandler):
 def _load_split(split, dataset_name):
     root = generate_shapes_dataset(splits=[split])
     return load_coco_json(
-        os.path.join(root, "annotations", f"instances_{split}.json"),
+        _annotation_file(root, split),
         os.path.join(root, split),
         dataset_name,
     )
